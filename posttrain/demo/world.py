@@ -1,0 +1,120 @@
+"""The embedded tiny world: two-digit addition and subtraction with carries and borrows.
+
+Everything is generated deterministically from a seed; train and test problems are disjoint
+(split by a hash of the problem). The world provides:
+
+- ``demo.pretrain``: raw arithmetic text ("47 + 85 = 132" lines), for the base model;
+- ``demo.sft``: chat conversations (a question, then the worked equation as the answer);
+- ``demo.prompts``: questions with their answers, for sampling, RL and evaluation
+  (``split: test`` gives the held-out problems);
+- ``builtin:demo``: a byte-level BPE tokenizer trained on the world's text;
+- ``check_answer``: the exact-match verifier (the last integer in the completion).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from functools import lru_cache
+from typing import Any
+
+from posttrain.data.formats import BUILTIN_DATASETS
+from posttrain.models.load import BUILTIN_TOKENIZERS
+from posttrain.models.tiny import train_bpe_tokenizer
+
+TEST_SHARE = 0.2
+LOW, HIGH = 10, 99
+QUESTION_TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.",
+                      "{a} {op} {b} = ?", "Please work out {a} {op} {b}.")
+_LAST_INT = re.compile(r"-?\d+")
+
+
+def _split_of(a: int, op: str, b: int) -> str:
+    digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
+    return "test" if digest[0] / 256 < TEST_SHARE else "train"
+
+
+@lru_cache(maxsize=4)
+def problems(split: str) -> tuple[tuple[int, str, int, int], ...]:
+    """Every (a, op, b, answer) of a split; subtraction keeps answers non-negative."""
+    out = []
+    for a in range(LOW, HIGH + 1):
+        for b in range(LOW, HIGH + 1):
+            out.append((a, "+", b, a + b))
+            if a >= b:
+                out.append((a, "-", b, a - b))
+    return tuple(p for p in out if _split_of(p[0], p[1], p[2]) == split)
+
+
+def equation(a: int, op: str, b: int, answer: int) -> str:
+    return f"{a} {op} {b} = {answer}"
+
+
+def question(a: int, op: str, b: int, rng: random.Random) -> str:
+    return rng.choice(QUESTION_TEMPLATES).format(a=a, op=op, b=b)
+
+
+def check_answer(completion: str, answer: str | int) -> bool:
+    """Exact match of the last integer in the completion with the answer."""
+    found = _LAST_INT.findall(completion)
+    return bool(found) and int(found[-1]) == int(answer)
+
+
+def _sample(split: str, n: int, seed: int) -> list[tuple[int, str, int, int]]:
+    pool = problems(split)
+    rng = random.Random(seed)
+    return [pool[rng.randrange(len(pool))] for _ in range(n)]
+
+
+def pretrain_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    docs, per_doc, seed = int(args.get("docs", 3000)), int(args.get("per_doc", 8)), int(args.get("seed", 0))
+    flat = _sample(split, docs * per_doc, seed)
+    return [{"text": "\n".join(equation(*p) for p in flat[i * per_doc : (i + 1) * per_doc])}
+            for i in range(docs)]
+
+
+def sft_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    n, seed = int(args.get("n", 2000)), int(args.get("seed", 1))
+    rng = random.Random(seed + 7)
+    rows = []
+    for a, op, b, c in _sample(split, n, seed):
+        rows.append({"messages": [{"role": "user", "content": question(a, op, b, rng)},
+                                  {"role": "assistant", "content": equation(a, op, b, c)}]})
+    return rows
+
+
+def prompt_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Questions with answers. ``n`` = all of the split when absent (held-out evaluation)."""
+    seed = int(args.get("seed", 2))
+    rng = random.Random(seed + 11)
+    pool = problems(split)
+    chosen = pool if "n" not in args else _sample(split, int(args["n"]), seed)
+    return [{"prompt": [{"role": "user", "content": question(a, op, b, rng)}], "answer": str(c)}
+            for a, op, b, c in chosen]
+
+
+def corpus() -> list[str]:
+    """Text the builtin tokenizer is trained on: equations and every question template."""
+    rng = random.Random(0)
+    sample = _sample("train", 4000, 3)
+    roles = ["<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>system\n"] * 200
+    return [equation(*p) for p in sample] + [question(a, op, b, rng) for a, op, b, _ in sample] + roles
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_files() -> dict[str, Any]:
+    return {"tokenizer": train_bpe_tokenizer(corpus(), vocab_size=320)}
+
+
+def demo_tokenizer():
+    """The builtin tokenizer (trained once per process, deterministic)."""
+    import copy
+
+    return copy.deepcopy(_tokenizer_files()["tokenizer"])
+
+
+BUILTIN_DATASETS.add("demo.pretrain", pretrain_rows)
+BUILTIN_DATASETS.add("demo.sft", sft_rows)
+BUILTIN_DATASETS.add("demo.prompts", prompt_rows)
+BUILTIN_TOKENIZERS["demo"] = demo_tokenizer

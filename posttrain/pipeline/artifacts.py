@@ -1,0 +1,167 @@
+"""Content-addressed stage artifacts, the workdir lock and the lineage ledger.
+
+Layout of a workdir::
+
+    .lock                      held (flock) by the running ``posttrain run``
+    ledger.jsonl               append-only: every stage start, completion, cache hit, failure
+    stages/<stage>/<key>/      one run of a stage; complete iff manifest.json exists
+        manifest.json          written LAST, atomically
+        model/ | adapter/      save_pretrained output
+        checkpoints/           resume state while the stage runs
+        metrics.jsonl, eval/   training metrics, eval records
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import posttrain
+from posttrain.config.components import DataConfig
+from posttrain.config.recipe import Recipe
+from posttrain.config.stages import StageConfig
+from posttrain.data.formats import file_fingerprint
+from posttrain.errors import UserError, problem
+from posttrain.loops.state import atomic_write_bytes
+
+MANIFEST = "manifest.json"
+KEY_LENGTH = 16
+# Settings that change how a stage reports, not what it produces: not part of its key.
+NON_SEMANTIC = {"log_every", "checkpoint_every", "keep_checkpoints"}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the package's source: new code means new keys (no stale artifacts after a fix)."""
+    digest = hashlib.sha256(posttrain.__version__.encode())
+    root = Path(posttrain.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _semantic(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _semantic(v) for k, v in value.items() if k not in NON_SEMANTIC}
+    if isinstance(value, list):
+        return [_semantic(v) for v in value]
+    return value
+
+
+def data_fingerprints(stage: StageConfig, recipe: Recipe) -> dict[str, str]:
+    """Content fingerprints of every dataset a stage reads (file bytes; builtin name + args)."""
+    out: dict[str, str] = {}
+
+    def visit(value: Any, path: str) -> None:
+        if isinstance(value, DataConfig):
+            out[path] = _fingerprint(value, recipe)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                visit(item, f"{path}.{i}")
+        elif hasattr(value, "model_fields"):
+            for name in type(value).model_fields:
+                visit(getattr(value, name), f"{path}.{name}" if path else name)
+
+    visit(stage, "")
+    return out
+
+
+def _fingerprint(cfg: DataConfig, recipe: Recipe) -> str:
+    if cfg.path:
+        path = recipe.resolve(cfg.path)
+        return file_fingerprint(path) if path.is_file() else "missing"
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def stage_key(stage: StageConfig, recipe: Recipe, parent_keys: dict[str, str]) -> str:
+    """hash(resolved stage config, parent artifact keys, data fingerprints, seed, code version)."""
+    payload = {
+        "config": _semantic(stage.model_dump(by_alias=True, mode="json")),
+        "parents": parent_keys,
+        "data": data_fingerprints(stage, recipe),
+        "seed": recipe.seed,
+        "code": code_version(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
+
+
+@dataclass
+class Artifact:
+    stage: str
+    key: str
+    folder: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest_path.exists()
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+
+def artifact_for(workdir: Path, stage: str, key: str) -> Artifact:
+    return Artifact(stage, key, workdir / "stages" / stage / key)
+
+
+def write_manifest(artifact: Artifact, content: dict[str, Any]) -> None:
+    """The last write of a stage: its presence means the artifact is complete."""
+    atomic_write_bytes(artifact.manifest_path, json.dumps(content, indent=2, default=str).encode())
+
+
+class WorkdirLock:
+    """An exclusive ``flock`` on ``<workdir>/.lock``.
+
+    The kernel releases a flock when its process dies, so a lock left by a killed run is stale by
+    construction: the next run takes it over (and says so).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / ".lock"
+        self._fd: int | None = None
+        self.took_over_from: str | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(problem(str(self.path.parent), f"the workdir is in use by another run ({holder})",
+                                    "wait for it to finish, or use another --workdir")) from err
+        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if previous:
+            self.took_over_from = previous
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def append_ledger(workdir: Path, record: dict[str, Any]) -> None:
+    """Append one event to the ledger (one line, flushed and fsynced)."""
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, default=str) + "\n"
+    with open(workdir / "ledger.jsonl", "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,55 @@
+"""Checks of a recipe's inputs that need no model weights: files exist and are readable, model
+paths exist, eval tasks are known. ``posttrain validate`` runs these after the schema checks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from posttrain.config.components import DataConfig
+from posttrain.config.recipe import Recipe
+from posttrain.errors import Problem, UserError, problem
+from posttrain.evals.base import get_task
+from posttrain.models.load import check_model_source
+
+
+def check_inputs(recipe: Recipe) -> list[Problem]:
+    problems: list[Problem] = []
+    for name, stage in recipe.stages.items():
+        where = f"stages.{name}"
+        for path, data in _datasets(stage, where):
+            problems.extend(_check_data(data, path, recipe))
+        if stage.model is not None:
+            problems.extend(check_model_source(stage.model, f"{where}.model", recipe.base_dir))
+        for i, task in enumerate(stage.eval):
+            try:
+                get_task(task.task, f"{where}.eval.{i}.task")
+            except UserError as err:
+                problems.extend(err.problems)
+    return problems
+
+
+def _datasets(value: Any, where: str):
+    if isinstance(value, DataConfig):
+        yield where, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _datasets(item, f"{where}.{i}")
+    elif hasattr(value, "model_fields"):
+        for name in type(value).model_fields:
+            yield from _datasets(getattr(value, name), f"{where}.{name}")
+
+
+def _check_data(data: DataConfig, where: str, recipe: Recipe) -> list[Problem]:
+    if not data.path:
+        return []
+    path = recipe.resolve(data.path)
+    if not path.exists():
+        return [problem(f"{where}.path", f"data file {str(path)!r} does not exist",
+                        "check the path (relative paths start at the recipe's folder)")]
+    if path.is_dir():
+        return [problem(f"{where}.path", f"{str(path)!r} is a directory", "point at a data file")]
+    if not os.access(path, os.R_OK):
+        return [problem(f"{where}.path", f"cannot read {str(path)!r} (permission denied)",
+                        "fix the file's permissions")]
+    return []

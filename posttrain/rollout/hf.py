@@ -1,0 +1,154 @@
+"""The ``hf`` rollout engine: batched sampling on transformers with a KV cache.
+
+The n samples of a prompt share one prefill (the cache is repeated after it). Returned token ids
+are exactly the sampled ones; logprobs are ``log softmax(logits / temperature)`` over the full
+vocabulary, the same quantity the trainer computes (top-p / top-k change what can be sampled,
+not the reported logprob). Sampling uses its own seeded generator, so it is reproducible and
+leaves the global RNG alone; temperature 0 is greedy and deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.monitoring.progress import StepProgress
+from posttrain.types import Rollout
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # samples per prompt (G)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)  # stop strings (kept in the text and ids)
+    seed: int = 0
+
+
+class HFSampler:
+    """Samples completions from a causal LM. Implements the Sampler protocol."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 64,
+                 show_progress: bool = False) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.version = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
+        """Rollouts grouped by prompt: prompt 0's n samples first, then prompt 1's, ..."""
+        was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        per_batch = max(1, self.batch_size // max(params.n, 1))
+        out: list[Rollout] = []
+        progress = StepProgress("generate", len(prompts), enabled=self.show_progress)
+        try:
+            for start in range(0, len(prompts), per_batch):
+                chunk = prompts[start : start + per_batch]
+                out.extend(self._generate_batch(chunk, params, generator, start))
+                progress.update(len(chunk))
+        finally:
+            progress.close()
+            self.model.train(was_training)
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
+                        offset: int) -> list[Rollout]:
+        device, n = self.device, params.n
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, 0)
+            mask = mask.repeat_interleave(n, 0)
+            positions = positions.repeat_interleave(n, 0)
+        rows = logits.shape[0]
+        next_pos = positions[:, -1] + 1
+        tokens = torch.zeros((rows, params.max_new_tokens), dtype=torch.long)
+        logps = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32)
+        lengths = torch.full((rows,), params.max_new_tokens, dtype=torch.long)
+        done = torch.zeros(rows, dtype=torch.bool)
+        eos = self.tokenizer.eos_token_id
+        for t in range(params.max_new_tokens):
+            choice, logp = _sample(logits, params, generator)
+            tokens[:, t], logps[:, t] = choice.cpu(), logp.cpu()
+            finished_now = ~done & (choice.cpu() == eos)
+            finished_now |= ~done & self._hit_stop(tokens[:, : t + 1], params.stop)
+            lengths[finished_now] = t + 1
+            done |= finished_now
+            if bool(done.all()) or t + 1 == params.max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+            out = self.model(input_ids=choice[:, None].to(device), attention_mask=mask,
+                             position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return self._rollouts(prompts, tokens, logps, lengths, done, params, offset)
+
+    def _hit_stop(self, tokens: torch.Tensor, stop: list[str]) -> torch.Tensor:
+        if not stop:
+            return torch.zeros(tokens.shape[0], dtype=torch.bool)
+        tail = self.tokenizer.batch_decode(tokens[:, -8:])
+        return torch.tensor([any(s in text for s in stop) for text in tail])
+
+    def _rollouts(self, prompts, tokens, logps, lengths, done, params, offset) -> list[Rollout]:
+        out = []
+        for row in range(tokens.shape[0]):
+            k = int(lengths[row])
+            completion = tokens[row, :k].tolist()
+            out.append(Rollout(
+                prompt_ids=list(prompts[row // params.n]), completion_ids=completion,
+                logprobs=logps[row, :k].tolist(), finish_reason="stop" if bool(done[row]) else "length",
+                text=self.tokenizer.decode(completion, skip_special_tokens=True),
+                prompt_index=offset + row // params.n, sample_index=row % params.n,
+                policy_version=self.version,
+            ))
+        return out
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token per row; return it and its logprob under softmax(logits / T)."""
+    if params.temperature <= 0:
+        choice = logits.argmax(-1)
+        return choice, torch.log_softmax(logits, -1).gather(1, choice[:, None]).squeeze(1)
+    scaled = logits / params.temperature
+    logprobs = torch.log_softmax(scaled, -1)
+    filtered = _filter(scaled, params.top_k, params.top_p)
+    probs = torch.softmax(filtered, -1).cpu()
+    choice = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    return choice, logprobs.gather(1, choice[:, None]).squeeze(1)
+
+
+def _filter(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) > top_p  # keep the token that crosses p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
+    return scaled

@@ -1,0 +1,148 @@
+"""Wiring shared by stage kinds: the stage context, the starting model, saving and evals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from posttrain.config.components import ModelConfig
+from posttrain.config.recipe import Recipe
+from posttrain.config.stages import StageConfig
+from posttrain.errors import UserError, problem
+from posttrain.evals.base import EvalContext, run_evals
+from posttrain.loops.distributed import DistInfo
+from posttrain.models.load import apply_lora, load_model, load_saved, load_tokenizer, save_model
+from posttrain.registry import Registry
+
+
+@dataclass
+class StageContext:
+    """What a stage needs to know about its place in the pipeline."""
+
+    name: str
+    config: StageConfig
+    recipe: Recipe
+    out_dir: Path  # this run's folder (created by the runner after prepare succeeded)
+    parents: dict[str, Path]  # parent stage name -> its artifact folder (absent if not yet built)
+    dist: DistInfo
+    show_progress: bool = True
+
+    @property
+    def where(self) -> str:
+        return f"stages.{self.name}"
+
+    @property
+    def seed(self) -> int:
+        train = getattr(self.config, "train", None)
+        return train.seed if train is not None and train.seed is not None else self.recipe.seed
+
+
+@dataclass
+class StageOutput:
+    metrics: dict[str, float]
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # data reports, resolved training numbers
+
+
+class StageRunner(Protocol):
+    """A stage kind's behaviour. ``prepare`` reads and checks every input without writing
+    anything (bad input fails here, before any output exists); ``run`` does the work."""
+
+    def prepare(self, ctx: StageContext) -> Any: ...
+
+    def describe(self, ctx: StageContext, prepared: Any) -> dict[str, Any]: ...
+
+    def run(self, ctx: StageContext, prepared: Any) -> StageOutput: ...
+
+
+STAGE_RUNNERS: Registry[Callable[[], StageRunner]] = Registry("stage kind")
+
+
+def root_model_config(ctx: StageContext) -> tuple[str, ModelConfig]:
+    """The nearest ancestor (or self) that names a model, and its model block."""
+    name, stage = ctx.name, ctx.config
+    seen = set()
+    while stage.from_ and stage.from_ not in seen:
+        seen.add(name)
+        name, stage = stage.from_, ctx.recipe.stages[stage.from_]
+    assert stage.model is not None
+    return name, stage.model
+
+
+def stage_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
+    """The tokenizer the stage trains with: its parent's, else the root model's."""
+    parent = ctx.config.from_
+    if parent and parent in ctx.parents:
+        _, tokenizer = _load_artifact(ctx.parents[parent], tokenizer_only=True)
+        return tokenizer
+    root, cfg = root_model_config(ctx)
+    own = ctx.config.model
+    template = own.chat_template if own is not None and own.chat_template else cfg.chat_template
+    return load_tokenizer(cfg.tokenizer or cfg.path or "", where=f"stages.{root}.model.tokenizer",
+                          base_dir=ctx.recipe.base_dir, chat_template=template, revision=cfg.revision,
+                          trust_remote_code=cfg.trust_remote_code)
+
+
+def _load_artifact(folder: Path, tokenizer_only: bool = False):
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
+    base = manifest.get("model_base")
+    if tokenizer_only:
+        from transformers import AutoTokenizer
+
+        sub = folder / ("model" if (folder / "model").is_dir() else "adapter")
+        return None, AutoTokenizer.from_pretrained(str(sub))
+    return load_saved(folder, base=Path(base) if base else None)
+
+
+def stage_model(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The starting policy: the parent's output, or the model block; LoRA applied if asked."""
+    own = ctx.config.model
+    if ctx.config.from_:
+        folder = ctx.parents.get(ctx.config.from_)
+        if folder is None:
+            raise UserError(problem(f"{ctx.where}.from", f"stage {ctx.config.from_!r} has no artifact yet",
+                                    "run the pipeline from the parent stage"))
+        model, _ = _load_artifact(folder)
+    else:
+        assert own is not None
+        model = load_model(own, tokenizer, where=f"{ctx.where}.model", base_dir=ctx.recipe.base_dir)
+    if own is not None and own.lora is not None:
+        model = apply_lora(model, own.lora)
+    train = getattr(ctx.config, "train", None)
+    if train is not None and train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model
+
+
+def finish_model_stage(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+                       ) -> dict[str, float]:
+    """Save the model (rank 0) and run the stage's evals; returns the eval metrics."""
+    lora = ctx.config.model.lora if ctx.config.model is not None else None
+    if ctx.dist.is_main:
+        save_model(model, tokenizer, ctx.out_dir, merge_lora=bool(lora and lora.merge_on_save))
+    return evaluate(ctx, model, tokenizer)
+
+
+def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+    if not ctx.config.eval or not ctx.dist.is_main:
+        return {}
+    eval_ctx = EvalContext(model=model, tokenizer=tokenizer, base_dir=ctx.recipe.base_dir,
+                           show_progress=ctx.show_progress, seed=ctx.seed)
+    metrics: dict[str, float] = {}
+    folder = ctx.out_dir / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, result in run_evals(eval_ctx, ctx.config.eval):
+        metrics.update(result.metrics)
+        with open(folder / f"{task}.jsonl", "w", encoding="utf-8") as f:
+            for record in result.records:
+                f.write(json.dumps(record, default=str) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

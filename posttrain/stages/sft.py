@@ -1,0 +1,92 @@
+"""``sft``: supervised fine-tuning with completion-only / assistant-only masking and packing.
+
+``pretrain`` (posttrain/stages/pretrain.py) is the same stage on raw text with every token a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from posttrain.data.batching import TOKEN_MEAN, MicroBatch, Row, collate, make_rows, row_units
+from posttrain.data.formats import LoadReport, load_dataset
+from posttrain.data.render import RenderReport, render_dataset
+from posttrain.loops.offline import OfflineJob, ResolvedTrain, resolve_train, run_offline
+from posttrain.losses.sft import sft_loss
+from posttrain.models.forward import head_weight, hidden_states
+from posttrain.stages.common import StageContext, StageOutput, finish_model_stage, stage_model, stage_tokenizer
+
+SFT_FORMATS = ("messages", "prompt_completion", "kto")
+TEXT_FORMATS = ("text",)
+
+
+@dataclass
+class PreparedLM:
+    tokenizer: PreTrainedTokenizerBase
+    rows: list[Row]
+    load: LoadReport
+    render: RenderReport
+    resolved: ResolvedTrain
+    aggregation: str
+
+
+class TokenLMStage:
+    """Next-token training on rendered rows; ``loss_on`` picks which tokens are targets."""
+
+    def __init__(self, formats: tuple[str, ...], loss_on: str | None = None) -> None:
+        self.formats, self.fixed_loss_on = formats, loss_on
+
+    def prepare(self, ctx: StageContext) -> PreparedLM:
+        cfg, train = ctx.config, ctx.config.train
+        tokenizer = stage_tokenizer(ctx)
+        data = load_dataset(cfg.data, where=f"{ctx.where}.data", base_dir=ctx.recipe.base_dir, expect=self.formats)
+        loss_on = self.fixed_loss_on or cfg.loss_on
+        rendered, report = render_dataset(tokenizer, data.examples, loss_on=loss_on, max_length=train.max_length,
+                                          on_overlong=train.on_overlong,
+                                          max_truncated_share=train.max_truncated_share)
+        rows = make_rows(rendered, packing=train.packing, max_length=train.max_length)
+        resolved = resolve_train(train, len(rows), ctx.dist.world_size, ctx.seed)
+        aggregation = getattr(cfg, "loss_aggregation", TOKEN_MEAN)
+        return PreparedLM(tokenizer, rows, data.report, report, resolved, aggregation)
+
+    def describe(self, ctx: StageContext, prepared: PreparedLM) -> dict[str, Any]:
+        r, render = prepared.resolved, prepared.render
+        tokens_per_row = render.tokens / max(1, len(prepared.rows))
+        return {
+            "data": {**prepared.load.__dict__, **render.as_dict()},
+            "rows (packed)" if ctx.config.train.packing else "rows": len(prepared.rows),
+            **r.as_dict(),
+            "examples_per_step": round(render.rows / max(1, len(prepared.rows)) * r.rows_per_step, 1),
+            "tokens_per_step": round(tokens_per_row * r.rows_per_step),
+            "targets_per_step": round(render.targets / max(1, len(prepared.rows)) * r.rows_per_step),
+            "estimated_tokens": round(tokens_per_row * r.rows_per_step * r.total_steps),
+        }
+
+    def run(self, ctx: StageContext, prepared: PreparedLM) -> StageOutput:
+        model = stage_model(ctx, prepared.tokenizer)
+        train = ctx.config.train
+        pad = prepared.tokenizer.pad_token_id
+        aggregation = prepared.aggregation
+
+        def objective(m: torch.nn.Module, batch: MicroBatch, normaliser: float):
+            hidden = hidden_states(m, batch.input_ids, batch.position_ids)
+            return sft_loss(hidden, head_weight(m), batch.input_ids, batch.target_weights, normaliser,
+                            chunk=train.logits_chunk)
+
+        job = OfflineJob(
+            name=ctx.name, model=model, rows=prepared.rows, lengths=[len(r) for r in prepared.rows],
+            collate=lambda rows: collate(rows, pad, aggregation), units=lambda row: row_units(row, aggregation),
+            objective=objective, train=train, resolved=prepared.resolved, out_dir=ctx.out_dir,
+            dist=ctx.dist, show_progress=ctx.show_progress,
+        )
+        result = run_offline(job)
+        model.eval()
+        metrics = {"train_loss": result.final_metrics.get("loss", float("nan")),
+                   "train_seconds": result.seconds, "train_tokens": float(result.tokens)}
+        metrics.update(finish_model_stage(ctx, model, prepared.tokenizer))
+        info = {"resolved": prepared.resolved.as_dict(), "render": prepared.render.as_dict(),
+                "resumed_from": result.resumed_from}
+        return StageOutput(metrics, result.alarms, info)
