@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config.components import DataConfig
-from posttrain.errors import Problem, UserError, problem
+from posttrain.errors import UserError, problem
 from posttrain.registry import Registry
 from posttrain.types import (
     ChatExample,
@@ -71,7 +71,8 @@ def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None,
         rows = rows[: cfg.limit]
     if not rows:
         raise UserError(problem(label, "the dataset is empty", "point at a file with at least one row"))
-    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0][0], rows[0][1], where)
+    first = _rename(rows[0][0], cfg.fields)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(first, rows[0][1], where)
     if expect and fmt not in expect:
         raise UserError(problem(f"{where}.format", f"{label} holds {fmt!r} rows, this stage needs "
                                 f"{' or '.join(expect)}", "use a dataset in the right format, or set "
@@ -186,8 +187,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     else:
         handle = open(path, "rb")
     with handle as f:
-        for number, raw in enumerate(f, start=1):
-            yield number, raw
+        yield from enumerate(f, start=1)
 
 
 def _decode(raw: bytes, path: Path, number: int) -> str:
@@ -402,7 +402,3 @@ class _FieldReader:
             raise UserError(problem(self._where(where), f"unknown role {message['role']!r}",
                                     "use one of " + ", ".join(ROLES)))
         return Message(role=message["role"], content=message["content"])
-
-
-def problems_summary(problems: list[Problem]) -> str:
-    return "\n".join(p.render() for p in problems)

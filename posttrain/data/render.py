@@ -215,7 +215,7 @@ def fit_length(example: TokenizedExample, max_length: int, on_overlong: str) -> 
 
 
 def render_dataset(tokenizer: PreTrainedTokenizerBase, examples: list[Example], *, loss_on: str,
-                   max_length: int, on_overlong: str, max_truncated_share: float
+                   max_length: int, on_overlong: str, max_truncated_share: float, where: str = "train"
                    ) -> tuple[list[TokenizedExample], RenderReport]:
     """Render every example; counts truncation and fails above ``max_truncated_share``."""
     report = RenderReport(rows=len(examples))
@@ -235,10 +235,11 @@ def render_dataset(tokenizer: PreTrainedTokenizerBase, examples: list[Example], 
         rendered.append(fitted)
     lost = report.truncated + report.dropped
     if examples and lost / len(examples) > max_truncated_share:
-        raise UserError(problem("train.max_length", f"{lost} of {len(examples)} rows "
+        raise UserError(problem(f"{where}.max_length", f"{lost} of {len(examples)} rows "
                                 f"({lost / len(examples):.0%}) are longer than max_length {max_length} "
                                 f"(longest {report.longest} tokens)",
                                 "raise train.max_length, or raise train.max_truncated_share to accept it"))
     if not rendered:
-        raise UserError(problem("data", "no rows are left after length filtering", "raise train.max_length"))
+        raise UserError(problem(f"{where}.max_length", "no rows are left after length filtering",
+                                "raise max_length"))
     return rendered, report

@@ -51,6 +51,25 @@ def equation(a: int, op: str, b: int, answer: int) -> str:
     return f"{a} {op} {b} = {answer}"
 
 
+def worked(a: int, op: str, b: int, answer: int) -> str:
+    """A column-by-column solution: units step, tens step (with the carry or borrow), result.
+
+    "47 + 85" -> "7 + 5 = 12. 4 + 8 + 1 = 13. 47 + 85 = 132."
+    "92 - 47" -> "12 - 7 = 5. 9 - 4 - 1 = 4. 92 - 47 = 45."
+    Every step is a one-digit fact or a copy, which a tiny model learns in minutes.
+    """
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    if op == "+":
+        units = a0 + b0
+        carry = units // 10
+        steps = [f"{a0} + {b0} = {units}", f"{a1} + {b1} + {carry} = {a1 + b1 + carry}"]
+    else:
+        borrow = int(a0 < b0)
+        top = a0 + 10 * borrow
+        steps = [f"{top} - {b0} = {top - b0}", f"{a1} - {b1} - {borrow} = {a1 - b1 - borrow}"]
+    return ". ".join([*steps, equation(a, op, b, answer)]) + "."
+
+
 def question(a: int, op: str, b: int, rng: random.Random) -> str:
     return rng.choice(QUESTION_TEMPLATES).format(a=a, op=op, b=b)
 
@@ -70,7 +89,7 @@ def _sample(split: str, n: int, seed: int) -> list[tuple[int, str, int, int]]:
 def pretrain_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     docs, per_doc, seed = int(args.get("docs", 3000)), int(args.get("per_doc", 8)), int(args.get("seed", 0))
     flat = _sample(split, docs * per_doc, seed)
-    return [{"text": "\n".join(equation(*p) for p in flat[i * per_doc : (i + 1) * per_doc])}
+    return [{"text": "\n".join(f"{p[0]} {p[1]} {p[2]}: {worked(*p)}" for p in flat[i * per_doc : (i + 1) * per_doc])}
             for i in range(docs)]
 
 
@@ -80,7 +99,7 @@ def sft_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for a, op, b, c in _sample(split, n, seed):
         rows.append({"messages": [{"role": "user", "content": question(a, op, b, rng)},
-                                  {"role": "assistant", "content": equation(a, op, b, c)}]})
+                                  {"role": "assistant", "content": worked(a, op, b, c)}]})
     return rows
 
 
@@ -99,7 +118,7 @@ def corpus() -> list[str]:
     rng = random.Random(0)
     sample = _sample("train", 4000, 3)
     roles = ["<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>system\n"] * 200
-    return [equation(*p) for p in sample] + [question(a, op, b, rng) for a, op, b, _ in sample] + roles
+    return [worked(*p) for p in sample] + [question(a, op, b, rng) for a, op, b, _ in sample] + roles
 
 
 @lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -221,7 +222,9 @@ def run_offline(job: OfflineJob) -> TrainResult:
                     raise TrainingAborted(problem(
                         f"stage {job.name} step {step + 1}", f"{bad_in_row} non-finite steps in a row",
                         "lower train.lr, enable train.max_grad_norm, or check the data for broken rows"))
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_total += tokens
             seconds = time.monotonic() - t0

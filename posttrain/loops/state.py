@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ TMP_SUFFIX = ".tmp"
 def crash_point(name: str) -> None:
     """Deterministic fault injection for crash-safety tests (``POSTTRAIN_CRASH_AT=name[:count]``).
 
-    The process dies with SIGKILL semantics (no cleanup) the ``count``-th time it reaches ``name``.
+    The process SIGKILLs itself (no cleanup, no flushing) the ``count``-th time it reaches ``name``.
     """
     spec = os.environ.get("POSTTRAIN_CRASH_AT")
     if not spec:
@@ -33,7 +34,7 @@ def crash_point(name: str) -> None:
         return
     seen = _crash_counts[name] = _crash_counts.get(name, 0) + 1
     if seen >= int(count or 1):
-        os._exit(137)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _crash_counts: dict[str, int] = {}

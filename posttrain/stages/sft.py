@@ -6,18 +6,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from posttrain.config.components import TrainConfig
 from posttrain.data.batching import TOKEN_MEAN, MicroBatch, Row, collate, make_rows, row_units
 from posttrain.data.formats import LoadReport, load_dataset
 from posttrain.data.render import RenderReport, render_dataset
+from posttrain.loops.distributed import DistInfo
 from posttrain.loops.offline import OfflineJob, ResolvedTrain, resolve_train, run_offline
 from posttrain.losses.sft import sft_loss
 from posttrain.models.forward import head_weight, hidden_states
-from posttrain.stages.common import StageContext, StageOutput, finish_model_stage, stage_model, stage_tokenizer
+from posttrain.stages.common import (
+    StageContext,
+    StageOutput,
+    finish_model_stage,
+    stage_model,
+    stage_tokenizer,
+)
 
 SFT_FORMATS = ("messages", "prompt_completion", "kto")
 TEXT_FORMATS = ("text",)
@@ -33,6 +42,27 @@ class PreparedLM:
     aggregation: str
 
 
+def lm_objective(chunk: int):
+    """Next-token NLL on a micro-batch (see ``posttrain.losses.sft.sft_loss``)."""
+
+    def objective(model: torch.nn.Module, batch: MicroBatch, normaliser: float):
+        hidden = hidden_states(model, batch.input_ids, batch.position_ids)
+        return sft_loss(hidden, head_weight(model), batch.input_ids, batch.target_weights, normaliser, chunk=chunk)
+
+    return objective
+
+
+def lm_job(name: str, model: torch.nn.Module, rows: list[Row], pad_id: int, aggregation: str, train: TrainConfig,
+           resolved: ResolvedTrain, out_dir: Path, dist: DistInfo, show_progress: bool = True) -> OfflineJob:
+    """The offline-loop job for next-token training on ``rows``."""
+    return OfflineJob(
+        name=name, model=model, rows=rows, lengths=[len(r) for r in rows],
+        collate=lambda batch_rows: collate(batch_rows, pad_id, aggregation),
+        units=lambda row: row_units(row, aggregation), objective=lm_objective(train.logits_chunk),
+        train=train, resolved=resolved, out_dir=out_dir, dist=dist, show_progress=show_progress,
+    )
+
+
 class TokenLMStage:
     """Next-token training on rendered rows; ``loss_on`` picks which tokens are targets."""
 
@@ -46,7 +76,7 @@ class TokenLMStage:
         loss_on = self.fixed_loss_on or cfg.loss_on
         rendered, report = render_dataset(tokenizer, data.examples, loss_on=loss_on, max_length=train.max_length,
                                           on_overlong=train.on_overlong,
-                                          max_truncated_share=train.max_truncated_share)
+                                          max_truncated_share=train.max_truncated_share, where=f"{ctx.where}.train")
         rows = make_rows(rendered, packing=train.packing, max_length=train.max_length)
         resolved = resolve_train(train, len(rows), ctx.dist.world_size, ctx.seed)
         aggregation = getattr(cfg, "loss_aggregation", TOKEN_MEAN)
@@ -67,21 +97,8 @@ class TokenLMStage:
 
     def run(self, ctx: StageContext, prepared: PreparedLM) -> StageOutput:
         model = stage_model(ctx, prepared.tokenizer)
-        train = ctx.config.train
-        pad = prepared.tokenizer.pad_token_id
-        aggregation = prepared.aggregation
-
-        def objective(m: torch.nn.Module, batch: MicroBatch, normaliser: float):
-            hidden = hidden_states(m, batch.input_ids, batch.position_ids)
-            return sft_loss(hidden, head_weight(m), batch.input_ids, batch.target_weights, normaliser,
-                            chunk=train.logits_chunk)
-
-        job = OfflineJob(
-            name=ctx.name, model=model, rows=prepared.rows, lengths=[len(r) for r in prepared.rows],
-            collate=lambda rows: collate(rows, pad, aggregation), units=lambda row: row_units(row, aggregation),
-            objective=objective, train=train, resolved=prepared.resolved, out_dir=ctx.out_dir,
-            dist=ctx.dist, show_progress=ctx.show_progress,
-        )
+        job = lm_job(ctx.name, model, prepared.rows, prepared.tokenizer.pad_token_id, prepared.aggregation,
+                     ctx.config.train, prepared.resolved, ctx.out_dir, ctx.dist, ctx.show_progress)
         result = run_offline(job)
         model.eval()
         metrics = {"train_loss": result.final_metrics.get("loss", float("nan")),
