@@ -59,6 +59,20 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
+# What users of TRL / transformers call our keys: a better hint than spelling distance.
+PEER_KEY_NAMES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "global_batch_size (= micro_batch_size x accumulation x processes)",
+    "max_seq_length": "max_length",
+    "lr_scheduler_type": "schedule",
+    "bf16": "precision",
+    "gradient_checkpointing_kwargs": "gradient_checkpointing",
+    "completion_only_loss": "loss_on",
+    "assistant_only_loss": "loss_on",
+}
+
 _FIXES = {
     "missing": "add this key",
     "int_parsing": "write a whole number",
@@ -94,7 +108,8 @@ def problems_from_validation(
         if kind == "extra_forbidden":
             owner = _resolve_model(model, loc)
             valid = field_names(owner) if owner else []
-            near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            near = [PEER_KEY_NAMES[str(loc[-1])]] if str(loc[-1]) in PEER_KEY_NAMES else (
+                difflib.get_close_matches(str(loc[-1]), valid, n=1))
             message = f"unknown key {loc[-1]!r}"
             fix = (f"did you mean {near[0]!r}? " if near else "remove it; ") + (
                 "valid keys here: " + ", ".join(valid) if valid else ""

@@ -397,7 +397,7 @@ class _FieldReader:
             message.get("content"), str
         ):
             raise UserError(problem(self._where(where), "must be an object with string 'role' and 'content'",
-                                    "fix the message", value=message))
+                                    'write each message as {"role": "user", "content": "..."}', value=message))
         if message["role"] not in ROLES:
             raise UserError(problem(self._where(where), f"unknown role {message['role']!r}",
                                     "use one of " + ", ".join(ROLES)))

@@ -84,8 +84,8 @@ def check_roles(messages: list[Message], source: RowSource | None, *, needs_assi
                                     "put tool results after the assistant turn that called the tool"))
         previous = role
     if needs_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise UserError(problem(where, "the conversation has no assistant turn to learn",
-                                "add an assistant turn or drop the row"))
+        raise UserError(problem(where, "the conversation has no assistant turn, so no token would be "
+                                "trained on (the loss mask is all zero)", "add an assistant turn or drop the row"))
 
 
 def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> str:

@@ -9,13 +9,22 @@ leaves the global RNG alone; temperature 0 is greedy and deterministic.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from posttrain.monitoring.progress import StepProgress
 from posttrain.types import Rollout
+
+
+# transformers 5 renamed ``past_key_values`` to ``cache``; accept both.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    return output.cache if hasattr(output, "cache") else output.past_key_values
 
 
 @dataclass
@@ -76,7 +85,7 @@ class HFSampler:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        cache = out.past_key_values
+        cache = _cache_of(out)
         logits = out.logits[:, -1].float()
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -101,8 +110,8 @@ class HFSampler:
                 break
             mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
             out = self.model(input_ids=choice[:, None].to(device), attention_mask=mask,
-                             position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1].float()
+                             position_ids=next_pos[:, None], use_cache=True, **{_CACHE_ARG: cache})
+            cache, logits = _cache_of(out), out.logits[:, -1].float()
             next_pos = next_pos + 1
         return self._rollouts(prompts, tokens, logps, lengths, done, params, offset)
 
