@@ -161,8 +161,9 @@ def _print_summary(reports, workdir: Path, title: str) -> None:
 
 def cmd_data_show(args: argparse.Namespace) -> int:
     from posttrain.data.render import render_example
+    from rich.console import Console
+
     from posttrain.loops.distributed import init_distributed
-    from posttrain.monitoring.progress import console
     from posttrain.pipeline.runner import _context, stage_keys
     from posttrain.stages.common import stage_tokenizer
 
@@ -179,13 +180,16 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     tokenizer = stage_tokenizer(ctx)
     data = load_dataset(stage.data, where=f"stages.{args.stage}.data", base_dir=recipe.base_dir)
     loss_on = "all" if stage.kind == "pretrain" else getattr(stage, "loss_on", "assistant")
-    out = console()
+    out = Console() if sys.stdout.isatty() else None
     for example in data.examples[: args.n]:
         rendered = render_example(tokenizer, example, loss_on)
-        out.print(f"[bold]{example.source}[/]  {len(rendered)} tokens, {rendered.n_targets} targets "
-                  "([green]green[/] = trained on)")
-        out.print(_marked(tokenizer, rendered), highlight=False)
-        print(_bracketed(tokenizer, rendered))
+        head = f"{example.source}  {len(rendered)} tokens, {rendered.n_targets} trained on"
+        if out is not None:
+            out.print(f"[bold]{head}[/] ([green]green[/] = trained on)")
+            out.print(_marked(tokenizer, rendered), highlight=False)
+        else:
+            print(f"{head} (inside [[ ]])")
+            print(_bracketed(tokenizer, rendered).replace("\n", "\\n"))
     return 0
 
 

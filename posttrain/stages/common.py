@@ -116,10 +116,19 @@ def stage_model(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> PreTra
         model = apply_lora(model, own.lora)
     train = getattr(ctx.config, "train", None)
     if train is not None and train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute layer activations in backward (transformers 5 renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def finish_model_stage(ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
