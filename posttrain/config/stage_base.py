@@ -6,12 +6,12 @@ register their own config class (``STAGE_KINDS.add("my_kind", MyStage)``) togeth
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
 from posttrain.config.base import StrictModel
-from posttrain.config.components import DataConfig, EvalTaskConfig, ModelConfig, TrainConfig
+from posttrain.config.components import EvalTaskConfig, ModelConfig
 from posttrain.registry import Registry
 
 
@@ -42,30 +42,4 @@ class StageConfig(StrictModel):
         return self
 
 
-class PretrainStage(StageConfig):
-    """Plain causal-LM training on raw text (the demo uses it to make its base model)."""
-
-    kind: Literal["pretrain"]
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-
-
-class SFTStage(StageConfig):
-    """Supervised fine-tuning on prompt/completion or conversational data."""
-
-    kind: Literal["sft"]
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    loss_on: Literal["assistant", "last_assistant", "all"] = Field(
-        "assistant",
-        description="targets: every assistant turn (the completion of prompt/completion rows), "
-        "only the last assistant turn, or every token",
-    )
-    loss_aggregation: Literal["token-mean", "seq-mean-token-mean"] = Field(
-        "token-mean", description="average over target tokens of the global batch, or per row then over rows"
-    )
-
-
 STAGE_KINDS: Registry[type[StageConfig]] = Registry("stage kind")
-STAGE_KINDS.add("pretrain", PretrainStage)
-STAGE_KINDS.add("sft", SFTStage)

@@ -1,0 +1,7 @@
+"""The schema of each stage kind, one module per family. Importing this package registers them
+all in ``STAGE_KINDS``; a stage's run function lives in ``posttrain/stages``."""
+
+from posttrain.config.stage_base import STAGE_KINDS, StageConfig
+from posttrain.config.stages.lm import PretrainStage, SFTStage
+
+__all__ = ["STAGE_KINDS", "PretrainStage", "SFTStage", "StageConfig"]
