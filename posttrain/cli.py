@@ -146,8 +146,9 @@ def _print_summary(reports, workdir: Path, title: str) -> None:
     if not init_distributed(prefer_cuda=False).is_main:
         return
     table = Table(title=f"{title}: {workdir}")
+    # Evaluation metrics, then the training loss; the rest is in each stage's metrics.jsonl.
     metric_names = sorted({k for r in reports for k in r.metrics if not k.endswith("_n")
-                           and k not in ("train_seconds", "train_tokens")})
+                           and not k.startswith("train_")}) + ["train_loss"]
     for column in ["stage", "kind", "status", "key", *metric_names, "time"]:
         table.add_column(column)
     for r in reports:
@@ -160,9 +161,9 @@ def _print_summary(reports, workdir: Path, title: str) -> None:
 
 
 def cmd_data_show(args: argparse.Namespace) -> int:
-    from posttrain.data.render import render_example
     from rich.console import Console
 
+    from posttrain.data.render import render_example
     from posttrain.loops.distributed import init_distributed
     from posttrain.pipeline.runner import _context, stage_keys
     from posttrain.stages.common import stage_tokenizer

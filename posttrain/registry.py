@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -75,6 +76,12 @@ class Registry(Generic[T]):
         fix = f"did you mean {near[0]!r}? " if near else ""
         fix += "valid names: " + ", ".join(self.names())
         return UserError(problem(where or self.kind, f"unknown {self.kind} {name!r}", fix))
+
+
+def keyword_parameters(fn: Callable[..., object]) -> dict[str, object]:
+    """A function's keyword-only parameters and their defaults (what a config block may set)."""
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _import_object(spec: str, where: str) -> object:

@@ -72,6 +72,17 @@ class PreferencePair:
 
 
 @dataclass
+class RankedExample:
+    """A prompt with several responses and their scores (higher is better); a preference stage
+    turns it into pairs (best against each other, or all pairs)."""
+
+    prompt: Text
+    responses: list[Text]
+    scores: list[float]
+    source: RowSource
+
+
+@dataclass
 class KTOExample:
     """An unpaired response with a binary desirability label."""
 
@@ -92,7 +103,8 @@ class PromptExample:
 
 
 Example = (
-    TextExample | ChatExample | PromptCompletionExample | PreferencePair | KTOExample | PromptExample
+    TextExample | ChatExample | PromptCompletionExample | PreferencePair | RankedExample | KTOExample
+    | PromptExample
 )
 
 

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from posttrain.config.base import StrictModel
 
-DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "kto", "prompt"]
+DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "ranked", "kto", "prompt"]
 
 
 def _unused(owner: StrictModel, key: str, because: str) -> str:
@@ -172,10 +172,17 @@ class TrainConfig(StrictModel):
 
 
 class EvalTaskConfig(StrictModel):
-    """One evaluation task run on the stage's output model."""
+    """One evaluation task run on the stage's output model (tasks and their options:
+    docs/evals.md). A field or option the task does not use is an error, reported with its path
+    by ``posttrain.evals.base.check_task_config``."""
 
-    task: str = Field(description="task name, e.g. demo_accuracy")
+    task: str = Field(description="task name, e.g. gsm8k, humaneval, ifeval, xstest, win_rate")
     data: DataConfig | None = Field(None, description="the task's data (default: the task's own)")
-    limit: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(64, gt=0)
+    limit: int | None = Field(None, gt=0, description="use only the first N rows")
+    max_new_tokens: int | None = Field(None, gt=0, description="generation budget (default: the task's own)")
+    batch_size: int = Field(64, gt=0, description="rows per forward pass (generation or scoring)")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="task-specific settings (sampling n/temperature/k, templates, judge models, ...), "
+        "validated by the task's own schema; an unknown option is an error",
+    )

@@ -219,23 +219,21 @@ def check_structure(recipe: Recipe, found: ProblemCollector) -> None:
     """References between stages: ``from`` names an earlier model stage; no cycles."""
     names = recipe.stage_names or list(recipe.stages)
     for name, stage in recipe.stages.items():
-        parent = stage.from_
-        if parent is None:
-            continue
-        if parent not in names:
-            found.add(f"stages.{name}.from", f"no stage named {parent!r}",
-                      "use one of: " + ", ".join(n for n in names if n != name), value=parent)
-        elif parent in recipe.stages and recipe.stages[parent].produces != "model":
-            found.add(f"stages.{name}.from", f"stage {parent!r} produces a "
-                      f"{recipe.stages[parent].produces}, not a model", "point 'from' at a model stage")
+        for where, parent, wanted in stage.references():
+            if parent not in names:
+                found.add(f"stages.{name}.{where}", f"no stage named {parent!r}",
+                          "use one of: " + ", ".join(n for n in names if n != name), value=parent)
+            elif parent in recipe.stages and recipe.stages[parent].produces != wanted:
+                found.add(f"stages.{name}.{where}", f"stage {parent!r} produces a "
+                          f"{recipe.stages[parent].produces}, not a {wanted}", f"point it at a {wanted} stage")
     for cycle in _cycles(recipe):
         found.add(f"stages.{cycle[0]}.from", "stages depend on each other in a cycle: "
                   + " -> ".join(cycle + [cycle[0]]), "break the cycle")
 
 
 def stage_parents(stage: StageConfig) -> list[str]:
-    """The stages a stage reads from (its model's source)."""
-    return [stage.from_] if stage.from_ else []
+    """The stages a stage reads from (its model's source, a reference model, a dataset)."""
+    return stage.dependencies()
 
 
 def _cycles(recipe: Recipe) -> list[list[str]]:

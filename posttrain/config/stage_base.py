@@ -25,6 +25,14 @@ class StageConfig(StrictModel):
     model: ModelConfig | None = Field(None, description="the starting model when there is no 'from'")
     eval: list[EvalTaskConfig] = Field(default_factory=list, description="evals run on the output model")
 
+    def references(self) -> list[tuple[str, str, str]]:
+        """(YAML key, stage name, the artifact kind it must produce) for every stage named here."""
+        return [("from", self.from_, "model")] if self.from_ else []
+
+    def dependencies(self) -> list[str]:
+        """Stages whose artifacts this stage reads (built first; their keys are part of its key)."""
+        return [name for _, name, _ in self.references()]
+
     @model_validator(mode="after")
     def _model_source(self) -> StageConfig:
         if self.produces != "model":

@@ -29,6 +29,7 @@ from posttrain.types import (
     PreferencePair,
     PromptCompletionExample,
     PromptExample,
+    RankedExample,
     RowSource,
     TextExample,
 )
@@ -279,6 +280,8 @@ def detect_format(row: dict[str, Any], source: RowSource, where: str) -> str:
     keys = set(row)
     if {"chosen", "rejected"} <= keys:
         return "preference"
+    if {"prompt", "responses", "scores"} <= keys:
+        return "ranked"
     if "messages" in keys:
         return "messages"
     if {"prompt", "completion", "label"} <= keys:
@@ -307,6 +310,8 @@ def to_example(row: dict[str, Any], fmt: str, source: RowSource) -> Example:
         return PromptCompletionExample(get.text("prompt", allow_empty=True), get.text("completion"), source)
     if fmt == "preference":
         return _preference(row, get, source)
+    if fmt == "ranked":
+        return _ranked(row, get, source)
     if fmt == "kto":
         return KTOExample(get.text("prompt", allow_empty=True), get.text("completion"), get.boolean("label"),
                           source)
@@ -318,7 +323,8 @@ def to_example(row: dict[str, Any], fmt: str, source: RowSource) -> Example:
 
 
 def _preference(row: dict[str, Any], get: _FieldReader, source: RowSource) -> PreferencePair:
-    chosen, rejected = get.text("chosen"), get.text("rejected")
+    # Empty responses are the preference stage's call (on_bad_pair: error or drop and count).
+    chosen, rejected = get.text("chosen", allow_empty=True), get.text("rejected", allow_empty=True)
     if "prompt" in row:
         prompt = get.text("prompt", allow_empty=True)
     elif isinstance(chosen, list) and isinstance(rejected, list):
@@ -330,11 +336,35 @@ def _preference(row: dict[str, Any], get: _FieldReader, source: RowSource) -> Pr
     else:
         raise UserError(problem(f"{source} field 'prompt'", "missing, and chosen/rejected are not "
                                 "conversations with a shared prefix", "add a prompt field"))
-    if isinstance(prompt, list) != isinstance(chosen, list) or isinstance(chosen, list) != isinstance(rejected, list):
-        raise UserError(problem(str(source), "the row mixes plain text and conversational fields",
-                                "make prompt, chosen and rejected all strings or all message lists"))
+    if isinstance(prompt, list):
+        # A conversational prompt with plain-text responses: the responses are assistant turns.
+        chosen, rejected = _as_turns(chosen), _as_turns(rejected)
+    elif isinstance(chosen, list) or isinstance(rejected, list):
+        raise UserError(problem(str(source), "the row mixes plain text and conversational fields (a plain "
+                                "prompt with conversational responses)",
+                                "make the prompt a message list too, or the responses strings"))
     extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
     return PreferencePair(prompt, chosen, rejected, source, extra)
+
+
+def _ranked(row: dict[str, Any], get: _FieldReader, source: RowSource) -> RankedExample:
+    responses, scores = row.get("responses"), row.get("scores")
+    if not isinstance(responses, list) or not isinstance(scores, list) or len(responses) != len(scores):
+        raise UserError(problem(f"{source} field 'responses'", "responses and scores must be lists of equal length",
+                                "write responses: [...] and scores: [...] with one score per response"))
+    if len(responses) < 2:
+        raise UserError(problem(f"{source} field 'responses'", "fewer than two responses: no pair to make",
+                                "drop the row"))
+    try:
+        numbers = [float(s) for s in scores]
+    except (TypeError, ValueError) as err:
+        raise UserError(problem(f"{source} field 'scores'", "scores must be numbers", "fix the scores")) from err
+    texts = [get.text(f"responses[{i}]", value=r) for i, r in enumerate(responses)]
+    return RankedExample(get.text("prompt", allow_empty=True), texts, numbers, source)
+
+
+def _as_turns(response: str | list[Message]) -> list[Message]:
+    return response if isinstance(response, list) else [Message(role="assistant", content=response)]
 
 
 class _FieldReader:
@@ -361,13 +391,18 @@ class _FieldReader:
             raise UserError(problem(self._where(name), "empty", "remove the row or fill the field"))
         return value
 
-    def text(self, name: str, allow_empty: bool = False) -> str | list[Message]:
-        value = self._need(name)
+    def text(self, name: str, allow_empty: bool = False, value: Any = None) -> str | list[Message]:
+        value = self._need(name) if value is None else value
         if isinstance(value, list):
-            return self.messages(name)
+            return self.messages(name, value)
         if isinstance(value, dict) and "content" in value:
             return self.messages(name, [value])
-        return self.string(name, allow_empty)
+        if not isinstance(value, str):
+            raise UserError(problem(self._where(name), f"must be a string or a list of messages, got "
+                                    f"{type(value).__name__}", "write a string", value=value))
+        if not allow_empty and not value.strip():
+            raise UserError(problem(self._where(name), "empty", "remove the row or fill the field"))
+        return value
 
     def boolean(self, name: str) -> bool:
         value = self._need(name)

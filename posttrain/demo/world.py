@@ -52,10 +52,11 @@ def equation(a: int, op: str, b: int, answer: int) -> str:
 
 
 def worked(a: int, op: str, b: int, answer: int) -> str:
-    """A column-by-column solution: units step, tens step (with the carry or borrow), result.
+    """The problem, then a column-by-column solution: units step, tens step (with the carry or
+    borrow), result.
 
-    "47 + 85" -> "7 + 5 = 12. 4 + 8 + 1 = 13. 47 + 85 = 132."
-    "92 - 47" -> "12 - 7 = 5. 9 - 4 - 1 = 4. 92 - 47 = 45."
+    "47 + 85" -> "47 + 85: 7 + 5 = 12. 4 + 8 + 1 = 13. 47 + 85 = 132."
+    "92 - 47" -> "92 - 47: 12 - 7 = 5. 9 - 4 - 1 = 4. 92 - 47 = 45."
     Every step is a one-digit fact or a copy, which a tiny model learns in minutes.
     """
     a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
@@ -67,7 +68,7 @@ def worked(a: int, op: str, b: int, answer: int) -> str:
         borrow = int(a0 < b0)
         top = a0 + 10 * borrow
         steps = [f"{top} - {b0} = {top - b0}", f"{a1} - {b1} - {borrow} = {a1 - b1 - borrow}"]
-    return ". ".join([*steps, equation(a, op, b, answer)]) + "."
+    return f"{a} {op} {b}: " + ". ".join([*steps, equation(a, op, b, answer)]) + "."
 
 
 def question(a: int, op: str, b: int, rng: random.Random) -> str:
@@ -87,10 +88,14 @@ def _sample(split: str, n: int, seed: int) -> list[tuple[int, str, int, int]]:
 
 
 def pretrain_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Documents of worked problems; about half are preceded by a question in plain text (no chat
+    markup), so the base model learns to answer questions but not the chat format."""
     docs, per_doc, seed = int(args.get("docs", 3000)), int(args.get("per_doc", 8)), int(args.get("seed", 0))
     flat = _sample(split, docs * per_doc, seed)
-    return [{"text": "\n".join(f"{p[0]} {p[1]} {p[2]}: {worked(*p)}" for p in flat[i * per_doc : (i + 1) * per_doc])}
-            for i in range(docs)]
+    rng = random.Random(seed + 5)
+    lines = [(question(a, op, b, rng) + " " if rng.random() < 0.5 else "") + worked(a, op, b, c)
+             for a, op, b, c in flat]
+    return [{"text": "\n".join(lines[i * per_doc : (i + 1) * per_doc])} for i in range(docs)]
 
 
 def sft_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -111,6 +116,35 @@ def prompt_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     chosen = pool if "n" not in args else _sample(split, int(args["n"]), seed)
     return [{"prompt": [{"role": "user", "content": question(a, op, b, rng)}], "answer": str(c)}
             for a, op, b, c in chosen]
+
+
+def corrupt(a: int, op: str, b: int, answer: int, rng: random.Random) -> str:
+    """The worked solution with a wrong final result (off by 1, 2 or 10)."""
+    wrong = answer + rng.choice([-10, -2, -1, 1, 2, 10])
+    wrong = wrong if wrong >= 0 else answer + 1
+    head, _, _ = worked(a, op, b, answer).rpartition(f"= {answer}.")
+    return f"{head}= {wrong}."
+
+
+def pair_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Preference pairs: a question, the correct worked solution, and a corrupted one."""
+    n, seed = int(args.get("n", 500)), int(args.get("seed", 3))
+    rng = random.Random(seed + 13)
+    rows = []
+    for a, op, b, c in _sample(split, n, seed):
+        rows.append({"prompt": [{"role": "user", "content": question(a, op, b, rng)}],
+                     "chosen": worked(a, op, b, c), "rejected": corrupt(a, op, b, c, rng)})
+    return rows
+
+
+def kto_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Unpaired rows: correct worked solutions (desirable) and corrupted ones (undesirable)."""
+    rows = []
+    for i, pair in enumerate(pair_rows(split, args)):
+        good = i % 2 == 0
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"] if good else pair["rejected"],
+                     "label": good})
+    return rows
 
 
 def corpus() -> list[str]:
@@ -136,4 +170,6 @@ def demo_tokenizer():
 BUILTIN_DATASETS.add("demo.pretrain", pretrain_rows)
 BUILTIN_DATASETS.add("demo.sft", sft_rows)
 BUILTIN_DATASETS.add("demo.prompts", prompt_rows)
+BUILTIN_DATASETS.add("demo.pairs", pair_rows)
+BUILTIN_DATASETS.add("demo.kto", kto_rows)
 BUILTIN_TOKENIZERS["demo"] = demo_tokenizer

@@ -40,7 +40,8 @@ from posttrain.monitoring.sinks import Metrics, truncate_metrics
 
 # objective(model, micro_batch, normaliser) -> (loss contribution, stats contributions).
 # Contributions are already divided by the step's global normaliser, so summing them over the
-# micro-batches and processes of a step gives the step's value.
+# micro-batches and processes of a step gives the step's value. A pair of keys "name/__num" and
+# "name/__den" is summed, then reported as "name" = num / den (means over a subset of rows).
 Objective = Callable[[torch.nn.Module, Any, float], tuple[torch.Tensor, dict[str, float]]]
 # diagnostic(step, metrics) -> alarm messages (empty when healthy)
 Diagnostic = Callable[[int, dict[str, float]], list[str]]
@@ -146,6 +147,9 @@ class OfflineJob:
     dist: DistInfo
     diagnostics: list[Diagnostic] = field(default_factory=list)
     show_progress: bool = True
+    # Called with this process's collated micro-batches of a step before any backward (e.g. to
+    # compute a statistic of the whole step, such as KTO's z0).
+    before_step: Callable[[torch.nn.Module, list[Any]], None] | None = None
 
 
 @dataclass
@@ -254,8 +258,12 @@ def _accumulate(job: OfflineJob, plan: StepPlan, step: int, params: list[torch.n
     normaliser = sum(job.units(job.rows[i]) for i in plan.step_rows(step))
     stats: dict[str, float] = {}
     tokens = 0
-    for indices in plan.micro_batches(step, info.rank):
-        batch = job.collate([job.rows[i] for i in indices]).to(info.device)
+    batches = [job.collate([job.rows[i] for i in indices]).to(info.device)
+               for indices in plan.micro_batches(step, info.rank)]
+    if job.before_step is not None:
+        with _autocast(job.train, info.device):
+            job.before_step(job.model, batches)
+    for batch in batches:
         with _autocast(job.train, info.device):
             loss, part = job.objective(job.model, batch, max(normaliser, 1e-12))
         loss.backward()
@@ -263,8 +271,18 @@ def _accumulate(job: OfflineJob, plan: StepPlan, step: int, params: list[torch.n
         for key, value in part.items():
             stats[key] = stats.get(key, 0.0) + float(value)
     allreduce_gradients(params, info)
-    stats = allreduce_sum({**stats, "_tokens": float(tokens)}, info)
+    stats = _ratios(allreduce_sum({**stats, "_tokens": float(tokens)}, info))
     return stats, int(stats.pop("_tokens"))
+
+
+def _ratios(stats: dict[str, float]) -> dict[str, float]:
+    out = {k: v for k, v in stats.items() if not k.endswith(("/__num", "/__den"))}
+    for key in stats:
+        if key.endswith("/__num"):
+            name = key.removesuffix("/__num")
+            den = stats.get(f"{name}/__den", 0.0)
+            out[name] = stats[key] / den if den else float("nan")
+    return out
 
 
 def _grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:

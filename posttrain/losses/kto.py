@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posttrain.registry import Registry
+from posttrain.registry import Registry, keyword_parameters
 
 Stats = dict[str, Tensor]
 LossResult = tuple[Tensor, Stats]
@@ -42,6 +42,11 @@ class UnpairedLoss:
         self, policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_baseline: Tensor | None, **params: object
     ) -> LossResult:
         return self.fn(policy_logps, ref_logps, labels, kl_baseline, **params)
+
+    @property
+    def params(self) -> dict[str, object]:
+        """The loss's keyword parameters and their defaults (for config validation)."""
+        return keyword_parameters(self.fn)
 
 
 UNPAIRED_LOSSES: Registry[UnpairedLoss] = Registry("unpaired preference loss")

@@ -60,7 +60,6 @@ the others in its micro-batch, which breaks micro-batch invariance), WPO weighti
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.errors import UserError, problem
-from posttrain.registry import Registry
+from posttrain.registry import Registry, keyword_parameters
 
 Stats = dict[str, Tensor]
 LossResult = tuple[Tensor, Stats]
@@ -118,12 +117,7 @@ class PreferenceLoss:
     @property
     def params(self) -> dict[str, object]:
         """The loss's keyword parameters and their defaults (for config validation)."""
-        signature = inspect.signature(self.fn)
-        return {
-            name: p.default
-            for name, p in signature.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        return keyword_parameters(self.fn)
 
 
 PREFERENCE_LOSSES: Registry[PreferenceLoss] = Registry("preference loss")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.models.load import decoder_and_head
+from posttrain.models.logprobs import token_logprobs
 
 
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -24,3 +25,21 @@ def head_weight(model: torch.nn.Module) -> torch.Tensor:
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("vocabulary projections with a bias are not supported yet")
     return head.weight
+
+
+def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      target_mask: torch.Tensor, *, chunk: int = 1024, temperature: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed log-probability of its target tokens, and how many there are.
+
+    input_ids, position_ids, target_mask [R, T] (mask[t] = 1: token t is a target, predicted from
+    position t - 1) -> (logp sums [R] fp32, target counts [R]). The same code path scores
+    reference, policy and rollout tokens.
+    """
+    hidden = hidden_states(model, input_ids, position_ids)
+    mask = target_mask[:, 1:] != 0
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(mask)[mask]
+    logp = token_logprobs(hidden[:, :-1][mask], head_weight(model), input_ids[:, 1:][mask], chunk=chunk,
+                          temperature=temperature)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device).index_add(0, rows, logp)
+    return sums, mask.sum(dim=1)

@@ -53,14 +53,14 @@ def load_tokenizer(spec: str, *, where: str, base_dir: Path | None = None,
             raise UserError(problem(where, f"cannot load tokenizer {spec!r}: {_first_line(err)}",
                                     "check the path, or the hub id and your network")) from err
     if chat_template:
-        tokenizer.chat_template = _chat_template_text(chat_template, where, base_dir)
+        tokenizer.chat_template = chat_template_text(chat_template, where, base_dir)
     if tokenizer.pad_token_id is None:
         # Padding positions are never targets and never attended to, so any id works.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _chat_template_text(spec: str, where: str, base_dir: Path | None) -> str:
+def chat_template_text(spec: str, where: str, base_dir: Path | None) -> str:
     if spec in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[spec]
     if "{%" in spec or "{{" in spec:

@@ -19,33 +19,21 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import posttrain
 from posttrain.config.components import DataConfig
 from posttrain.config.recipe import Recipe
 from posttrain.config.stages import StageConfig
 from posttrain.data.formats import file_fingerprint
 from posttrain.errors import UserError, problem
 from posttrain.loops.state import atomic_write_bytes
+from posttrain.provenance import code_version
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16
 # Settings that change how a stage reports, not what it produces: not part of its key.
 NON_SEMANTIC = {"log_every", "checkpoint_every", "keep_checkpoints"}
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the package's source: new code means new keys (no stale artifacts after a fix)."""
-    digest = hashlib.sha256(posttrain.__version__.encode())
-    root = Path(posttrain.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _semantic(value: Any) -> Any:

@@ -23,11 +23,11 @@ from posttrain.pipeline.artifacts import (
     WorkdirLock,
     append_ledger,
     artifact_for,
-    code_version,
     data_fingerprints,
     stage_key,
     write_manifest,
 )
+from posttrain.provenance import code_version
 from posttrain.stages.common import STAGE_RUNNERS, StageContext, StageRunner
 
 

@@ -11,6 +11,7 @@ from posttrain.config.recipe import Recipe
 from posttrain.errors import Problem, UserError, problem
 from posttrain.evals.base import get_task
 from posttrain.models.load import check_model_source
+from posttrain.stages import STAGE_RUNNERS
 
 
 def check_inputs(recipe: Recipe) -> list[Problem]:
@@ -21,6 +22,9 @@ def check_inputs(recipe: Recipe) -> list[Problem]:
             problems.extend(_check_data(data, path, recipe))
         if stage.model is not None:
             problems.extend(check_model_source(stage.model, f"{where}.model", recipe.base_dir))
+        runner = STAGE_RUNNERS.get(stage.kind, where=f"{where}.kind")()
+        if hasattr(runner, "check"):
+            problems.extend(runner.check(stage, where))
         for i, task in enumerate(stage.eval):
             try:
                 get_task(task.task, f"{where}.eval.{i}.task")

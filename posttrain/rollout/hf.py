@@ -18,7 +18,6 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from posttrain.monitoring.progress import StepProgress
 from posttrain.types import Rollout
 
-
 # transformers 5 renamed ``past_key_values`` to ``cache``; accept both.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 

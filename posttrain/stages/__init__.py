@@ -1,10 +1,14 @@
 """Stage kinds: each wires a loop, a loss and data. Runners are registered by kind name."""
 
 from posttrain.stages.common import STAGE_RUNNERS, StageContext, StageOutput, StageRunner
+from posttrain.stages.kto import KTORunner
+from posttrain.stages.preference import PreferenceRunner
 from posttrain.stages.pretrain import pretrain_stage
 from posttrain.stages.sft import SFT_FORMATS, TokenLMStage
 
 STAGE_RUNNERS.add("pretrain", pretrain_stage)
 STAGE_RUNNERS.add("sft", lambda: TokenLMStage(SFT_FORMATS))
+STAGE_RUNNERS.add("preference", PreferenceRunner)
+STAGE_RUNNERS.add("kto", KTORunner)
 
 __all__ = ["STAGE_RUNNERS", "StageContext", "StageOutput", "StageRunner"]

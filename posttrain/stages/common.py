@@ -17,7 +17,14 @@ from posttrain.config.stages import StageConfig
 from posttrain.errors import UserError, problem
 from posttrain.evals.base import EvalContext, run_evals
 from posttrain.loops.distributed import DistInfo
-from posttrain.models.load import apply_lora, load_model, load_saved, load_tokenizer, save_model
+from posttrain.models.load import (
+    apply_lora,
+    chat_template_text,
+    load_model,
+    load_saved,
+    load_tokenizer,
+    save_model,
+)
 from posttrain.registry import Registry
 
 
@@ -32,6 +39,11 @@ class StageContext:
     parents: dict[str, Path]  # parent stage name -> its artifact folder (absent if not yet built)
     dist: DistInfo
     show_progress: bool = True
+
+    @property
+    def workdir(self) -> Path:
+        """The pipeline's workdir (out_dir is <workdir>/stages/<stage>/<key>)."""
+        return self.out_dir.parents[2]
 
     @property
     def where(self) -> str:
@@ -77,41 +89,61 @@ def root_model_config(ctx: StageContext) -> tuple[str, ModelConfig]:
 
 def stage_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
     """The tokenizer the stage trains with: its parent's, else the root model's."""
-    parent = ctx.config.from_
+    parent, own = ctx.config.from_, ctx.config.model
     if parent and parent in ctx.parents:
-        _, tokenizer = _load_artifact(ctx.parents[parent], tokenizer_only=True)
+        tokenizer = artifact_tokenizer(ctx.parents[parent])
+        if own is not None and own.chat_template:
+            tokenizer.chat_template = chat_template_text(own.chat_template, f"{ctx.where}.model",
+                                                              ctx.recipe.base_dir)
         return tokenizer
     root, cfg = root_model_config(ctx)
-    own = ctx.config.model
-    template = own.chat_template if own is not None and own.chat_template else cfg.chat_template
     return load_tokenizer(cfg.tokenizer or cfg.path or "", where=f"stages.{root}.model.tokenizer",
-                          base_dir=ctx.recipe.base_dir, chat_template=template, revision=cfg.revision,
-                          trust_remote_code=cfg.trust_remote_code)
+                          base_dir=ctx.recipe.base_dir, chat_template=_nearest_template(ctx),
+                          revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
-def _load_artifact(folder: Path, tokenizer_only: bool = False):
+def _nearest_template(ctx: StageContext) -> str | None:
+    """The chat template override closest to this stage on its chain of ``from`` parents."""
+    stage, seen = ctx.config, set()
+    while True:
+        if stage.model is not None and stage.model.chat_template:
+            return stage.model.chat_template
+        if not stage.from_ or stage.from_ in seen:
+            return None
+        seen.add(stage.from_)
+        stage = ctx.recipe.stages[stage.from_]
+
+
+def artifact_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder / ("model" if (folder / "model").is_dir() else "adapter")))
+
+
+def load_artifact_model(folder: Path) -> PreTrainedModel:
+    """A model stage's output (full weights, or an adapter merged onto the base it was trained on)."""
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").exists() else {}
     base = manifest.get("model_base")
-    if tokenizer_only:
-        from transformers import AutoTokenizer
-
-        sub = folder / ("model" if (folder / "model").is_dir() else "adapter")
-        return None, AutoTokenizer.from_pretrained(str(sub))
-    return load_saved(folder, base=Path(base) if base else None)
+    model, _ = load_saved(folder, base=Path(base) if base else None)
+    return model
 
 
-def stage_model(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The starting policy: the parent's output, or the model block; LoRA applied if asked."""
-    own = ctx.config.model
+def starting_model(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The stage's starting weights: the parent's output, or the model block (no LoRA yet)."""
     if ctx.config.from_:
         folder = ctx.parents.get(ctx.config.from_)
         if folder is None:
             raise UserError(problem(f"{ctx.where}.from", f"stage {ctx.config.from_!r} has no artifact yet",
                                     "run the pipeline from the parent stage"))
-        model, _ = _load_artifact(folder)
-    else:
-        assert own is not None
-        model = load_model(own, tokenizer, where=f"{ctx.where}.model", base_dir=ctx.recipe.base_dir)
+        return load_artifact_model(folder)
+    assert ctx.config.model is not None
+    return load_model(ctx.config.model, tokenizer, where=f"{ctx.where}.model", base_dir=ctx.recipe.base_dir)
+
+
+def stage_model(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The policy to train: the starting model, with LoRA and activation checkpointing if asked."""
+    own = ctx.config.model
+    model = starting_model(ctx, tokenizer)
     if own is not None and own.lora is not None:
         model = apply_lora(model, own.lora)
     train = getattr(ctx.config, "train", None)

@@ -3,5 +3,6 @@ all in ``STAGE_KINDS``; a stage's run function lives in ``posttrain/stages``."""
 
 from posttrain.config.stage_base import STAGE_KINDS, StageConfig
 from posttrain.config.stages.lm import PretrainStage, SFTStage
+from posttrain.config.stages.preference import KTOStage, PreferenceStage
 
-__all__ = ["STAGE_KINDS", "PretrainStage", "SFTStage", "StageConfig"]
+__all__ = ["STAGE_KINDS", "KTOStage", "PreferenceStage", "PretrainStage", "SFTStage", "StageConfig"]
