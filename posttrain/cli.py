@@ -108,7 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from posttrain.loops.distributed import init_distributed
-    from posttrain.pipeline.runner import prepare_all
+    from posttrain.pipeline.runner import DEFERRED, _context, prepare_all
 
     recipe = _load(args.recipe, args.overrides)
     workdir = args.workdir or recipe.default_workdir()
@@ -119,9 +119,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         entry = {"key": key, "status": "cached" if name not in prepared else "to run"}
         if name in prepared:
             runner, ready = prepared[name]
-            from posttrain.pipeline.runner import _context
-
-            entry["derived"] = runner.describe(_context(recipe, name, workdir, keys, info, False), ready)
+            if ready is DEFERRED:
+                entry["derived"] = "reads the output of an earlier stage: planned when that exists"
+            else:
+                entry["derived"] = runner.describe(_context(recipe, name, workdir, keys, info, False), ready)
         plan["stages"][name] = entry
     print(yaml.safe_dump(plan, sort_keys=False, width=100))
     return 0
@@ -174,12 +175,11 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     stage = recipe.stages[args.stage]
     if not hasattr(stage, "data"):
         raise UserError(f"--stage: stage {args.stage!r} ({stage.kind}) has no data to show")
-    from posttrain.data.formats import load_dataset
 
     workdir = recipe.default_workdir()
     ctx = _context(recipe, args.stage, workdir, stage_keys(recipe), init_distributed(prefer_cuda=False), False)
     tokenizer = stage_tokenizer(ctx)
-    data = load_dataset(stage.data, where=f"stages.{args.stage}.data", base_dir=recipe.base_dir)
+    data = ctx.load_data(stage.data)
     loss_on = "all" if stage.kind == "pretrain" else getattr(stage, "loss_on", "assistant")
     out = Console() if sys.stdout.isatty() else None
     for example in data.examples[: args.n]:

@@ -9,6 +9,7 @@ Shape letters, defined once for the whole package:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict
 
@@ -170,9 +171,7 @@ class RewardResult:
 
 
 class Reward(Protocol):
-    """Scores completions. ``rows`` carries each rollout's prompt row (answer, tests, ...)."""
+    """Scores completions given their prompt rows (answer, tests, ...); None masks a sample."""
 
-    name: str
-
-    def __call__(self, rollouts: list[Rollout], rows: list[PromptExample]) -> list[RewardResult]:
+    def __call__(self, completions: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
         ...

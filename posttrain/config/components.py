@@ -85,11 +85,13 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """A dataset: exactly one of a local file, a Hugging Face dataset, or a builtin generator."""
+    """A dataset: exactly one of a local file, a Hugging Face dataset, a builtin generator, or the
+    output of a data stage of the same recipe (``stage: NAME``)."""
 
     path: str | None = Field(None, description=".jsonl, .json, .parquet, .csv or .txt; relative to the recipe")
     hf: str | None = Field(None, description="Hugging Face dataset name (needs network or a local cache)")
     builtin: str | None = Field(None, description="a generated set, e.g. 'demo.sft'")
+    stage: str | None = Field(None, description="the dataset a data stage of this recipe produced")
     split: str | None = Field(None, description="split of an hf or builtin dataset (default train)")
     args: dict[str, Any] = Field(default_factory=dict, description="arguments of a builtin generator")
     format: DataFormat = Field("auto", description="row format; auto detects it from the fields")
@@ -103,16 +105,16 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        given = [k for k in ("path", "hf", "builtin") if getattr(self, k)]
+        given = [k for k in ("path", "hf", "builtin", "stage") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                f"a dataset needs exactly one of path, hf or builtin (got {given or 'none'}); "
+                f"a dataset needs exactly one of path, hf, builtin or stage (got {given or 'none'}); "
                 "fix: keep exactly one"
             )
         if self.args and not self.builtin:
             raise ValueError(_unused(self, "args", "without 'builtin'"))
-        if self.split and self.path:
-            raise ValueError(_unused(self, "split", "with a local 'path'"))
+        if self.split and (self.path or self.stage):
+            raise ValueError(_unused(self, "split", "with a local 'path' or a 'stage'"))
         return self
 
 

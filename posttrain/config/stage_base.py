@@ -6,12 +6,13 @@ register their own config class (``STAGE_KINDS.add("my_kind", MyStage)``) togeth
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from posttrain.config.base import StrictModel
-from posttrain.config.components import EvalTaskConfig, ModelConfig
+from posttrain.config.components import DataConfig, EvalTaskConfig, ModelConfig
 from posttrain.registry import Registry
 
 
@@ -19,6 +20,7 @@ class StageConfig(StrictModel):
     """Fields every stage kind has."""
 
     produces: ClassVar[str] = "model"  # what the stage's artifact is: model | dataset | eval
+    uses_model: ClassVar[bool] = True  # data stages that only transform rows have no model
 
     kind: str
     from_: str | None = Field(None, alias="from", description="the stage whose model this one starts from")
@@ -26,8 +28,10 @@ class StageConfig(StrictModel):
     eval: list[EvalTaskConfig] = Field(default_factory=list, description="evals run on the output model")
 
     def references(self) -> list[tuple[str, str, str]]:
-        """(YAML key, stage name, the artifact kind it must produce) for every stage named here."""
-        return [("from", self.from_, "model")] if self.from_ else []
+        """(YAML key, stage name, the artifact kind it must produce) for every stage named here:
+        ``from`` (a model) and every ``data: {stage: ...}`` (a dataset), wherever it is nested."""
+        found = [("from", self.from_, "model")] if self.from_ else []
+        return found + [(f"{path}.stage", data.stage, "dataset") for path, data in datasets_in(self) if data.stage]
 
     def dependencies(self) -> list[str]:
         """Stages whose artifacts this stage reads (built first; their keys are part of its key)."""
@@ -35,7 +39,9 @@ class StageConfig(StrictModel):
 
     @model_validator(mode="after")
     def _model_source(self) -> StageConfig:
-        if self.produces != "model":
+        if not self.uses_model:
+            if self.from_ or self.model is not None:
+                raise ValueError(f"a {self.kind} stage uses no model; fix: remove 'from' and 'model'")
             return self
         has_own = self.model is not None and (self.model.path or self.model.tiny)
         if self.from_ and has_own:
@@ -48,6 +54,18 @@ class StageConfig(StrictModel):
                 "the stage has no starting model; fix: add 'from: <stage>' or model.path / model.tiny"
             )
         return self
+
+
+def datasets_in(value: Any, path: str = "") -> Iterator[tuple[str, DataConfig]]:
+    """Every DataConfig inside a config block, with its YAML path."""
+    if isinstance(value, DataConfig):
+        yield path, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from datasets_in(item, f"{path}.{i}" if path else str(i))
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            yield from datasets_in(getattr(value, name), f"{path}.{field.alias or name}" if path else (field.alias or name))
 
 
 STAGE_KINDS: Registry[type[StageConfig]] = Registry("stage kind")

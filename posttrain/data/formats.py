@@ -13,7 +13,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +63,14 @@ class Dataset:
     fingerprint: str  # content hash of the source (file bytes, or builtin name + args)
 
 
-def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None,
-                 expect: tuple[str, ...] = ()) -> Dataset:
-    """Read ``cfg`` into typed examples; ``expect`` lists the formats the stage accepts."""
-    rows, label, fingerprint = _read_source(cfg, where, base_dir)
+DATASET_FILE = "data.jsonl"  # what a data stage writes into its artifact folder
+
+
+def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None, expect: tuple[str, ...] = (),
+                 artifacts: Mapping[str, Path] | None = None) -> Dataset:
+    """Read ``cfg`` into typed examples; ``expect`` lists the formats the stage accepts.
+    ``artifacts`` maps stage names to their artifact folders (for ``stage:`` sources)."""
+    rows, label, fingerprint = _read_source(cfg, where, base_dir, artifacts or {})
     report = LoadReport(source=label, rows_read=len(rows))
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
@@ -97,6 +101,16 @@ def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None,
     return Dataset(examples, fmt, report, fingerprint)
 
 
+def read_rows(cfg: DataConfig, *, where: str, base_dir: Path | None = None,
+              artifacts: Mapping[str, Path] | None = None) -> tuple[list[tuple[dict[str, Any], RowSource]], str]:
+    """Raw rows (renamed, limited) with their sources, for stages that keep every field."""
+    rows, label, fingerprint = _read_source(cfg, where, base_dir, artifacts or {})
+    rows = [(_rename(r, cfg.fields), src) for r, src in rows[: cfg.limit]]
+    if not rows:
+        raise UserError(problem(label, "the dataset is empty", "point at a file with at least one row"))
+    return rows, fingerprint
+
+
 def _rename(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
     if not fields:
         return row
@@ -110,8 +124,14 @@ def _rename(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- sources
 
 
-def _read_source(cfg: DataConfig, where: str, base_dir: Path | None
+def _read_source(cfg: DataConfig, where: str, base_dir: Path | None, artifacts: Mapping[str, Path]
                  ) -> tuple[list[tuple[dict[str, Any], RowSource]], str, str]:
+    if cfg.stage:
+        folder = artifacts.get(cfg.stage)
+        if folder is None or not (folder / DATASET_FILE).exists():
+            raise UserError(problem(f"{where}.stage", f"stage {cfg.stage!r} has not produced its data yet",
+                                    "run the pipeline from that stage"))
+        return read_file(folder / DATASET_FILE, where=f"{where}.stage"), f"stage:{cfg.stage}", folder.name
     if cfg.builtin:
         return _read_builtin(cfg, where)
     if cfg.hf:

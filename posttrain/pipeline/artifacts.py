@@ -24,6 +24,7 @@ from typing import Any
 
 from posttrain.config.components import DataConfig
 from posttrain.config.recipe import Recipe
+from posttrain.config.stage_base import datasets_in
 from posttrain.config.stages import StageConfig
 from posttrain.data.formats import file_fingerprint
 from posttrain.errors import UserError, problem
@@ -45,24 +46,14 @@ def _semantic(value: Any) -> Any:
 
 
 def data_fingerprints(stage: StageConfig, recipe: Recipe) -> dict[str, str]:
-    """Content fingerprints of every dataset a stage reads (file bytes; builtin name + args)."""
-    out: dict[str, str] = {}
-
-    def visit(value: Any, path: str) -> None:
-        if isinstance(value, DataConfig):
-            out[path] = _fingerprint(value, recipe)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                visit(item, f"{path}.{i}")
-        elif hasattr(value, "model_fields"):
-            for name in type(value).model_fields:
-                visit(getattr(value, name), f"{path}.{name}" if path else name)
-
-    visit(stage, "")
-    return out
+    """Content fingerprints of every dataset a stage reads (file bytes; builtin name + args; a
+    data stage's output is covered by that stage's key, which is among the parent keys)."""
+    return {path: _fingerprint(data, recipe) for path, data in datasets_in(stage)}
 
 
 def _fingerprint(cfg: DataConfig, recipe: Recipe) -> str:
+    if cfg.stage:
+        return f"stage:{cfg.stage}"
     if cfg.path:
         path = recipe.resolve(cfg.path)
         return file_fingerprint(path) if path.is_file() else "missing"

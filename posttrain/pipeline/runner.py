@@ -76,9 +76,21 @@ def prepare_all(recipe: Recipe, workdir: Path, info: DistInfo, show_progress: bo
         if artifact_for(workdir, name, keys[name]).complete:
             continue
         runner = _runner(recipe, name)
+        if _waits_for_data(recipe, name, workdir, keys):
+            prepared[name] = (runner, DEFERRED)
+            continue
         ctx = _context(recipe, name, workdir, keys, info, show_progress)
         prepared[name] = (runner, runner.prepare(ctx))
     return keys, prepared
+
+
+DEFERRED = object()  # prepared when the data it reads exists (after its parent stages ran)
+
+
+def _waits_for_data(recipe: Recipe, name: str, workdir: Path, keys: dict[str, str]) -> bool:
+    """True when the stage reads a dataset another stage has not produced yet."""
+    return any(kind == "dataset" and not artifact_for(workdir, parent, keys[parent]).complete
+               for _, parent, kind in recipe.stages[name].references())
 
 
 def run_recipe(recipe: Recipe, workdir: Path, *, show_progress: bool = True,
@@ -118,6 +130,8 @@ def _run_stage(recipe: Recipe, name: str, artifact: Artifact, runner: StageRunne
                keys: dict[str, str], workdir: Path, info: DistInfo, show_progress: bool) -> StageReport:
     stage = recipe.stages[name]
     ctx = _context(recipe, name, workdir, keys, info, show_progress)
+    if ready is DEFERRED:
+        ready = runner.prepare(ctx)
     if info.is_main:
         artifact.folder.mkdir(parents=True, exist_ok=True)
         (artifact.folder / "config.json").write_text(json.dumps(stage.model_dump(by_alias=True, mode="json"),

@@ -4,10 +4,10 @@ paths exist, eval tasks are known. ``posttrain validate`` runs these after the s
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from posttrain.config.components import DataConfig
 from posttrain.config.recipe import Recipe
+from posttrain.config.stage_base import datasets_in
 from posttrain.errors import Problem, UserError, problem
 from posttrain.evals.base import get_task
 from posttrain.models.load import check_model_source
@@ -18,7 +18,7 @@ def check_inputs(recipe: Recipe) -> list[Problem]:
     problems: list[Problem] = []
     for name, stage in recipe.stages.items():
         where = f"stages.{name}"
-        for path, data in _datasets(stage, where):
+        for path, data in datasets_in(stage, where):
             problems.extend(_check_data(data, path, recipe))
         if stage.model is not None:
             problems.extend(check_model_source(stage.model, f"{where}.model", recipe.base_dir))
@@ -31,17 +31,6 @@ def check_inputs(recipe: Recipe) -> list[Problem]:
             except UserError as err:
                 problems.extend(err.problems)
     return problems
-
-
-def _datasets(value: Any, where: str):
-    if isinstance(value, DataConfig):
-        yield where, value
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _datasets(item, f"{where}.{i}")
-    elif hasattr(value, "model_fields"):
-        for name in type(value).model_fields:
-            yield from _datasets(getattr(value, name), f"{where}.{name}")
 
 
 def _check_data(data: DataConfig, where: str, recipe: Recipe) -> list[Problem]:

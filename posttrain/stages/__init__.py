@@ -1,6 +1,7 @@
 """Stage kinds: each wires a loop, a loss and data. Runners are registered by kind name."""
 
 from posttrain.stages.common import STAGE_RUNNERS, StageContext, StageOutput, StageRunner
+from posttrain.stages.data import GenerateRunner, ScoreRunner, SelectRunner
 from posttrain.stages.kto import KTORunner
 from posttrain.stages.preference import PreferenceRunner
 from posttrain.stages.pretrain import pretrain_stage
@@ -10,5 +11,8 @@ STAGE_RUNNERS.add("pretrain", pretrain_stage)
 STAGE_RUNNERS.add("sft", lambda: TokenLMStage(SFT_FORMATS))
 STAGE_RUNNERS.add("preference", PreferenceRunner)
 STAGE_RUNNERS.add("kto", KTORunner)
+STAGE_RUNNERS.add("generate", GenerateRunner)
+STAGE_RUNNERS.add("score", ScoreRunner)
+STAGE_RUNNERS.add("select", SelectRunner)
 
 __all__ = ["STAGE_RUNNERS", "StageContext", "StageOutput", "StageRunner"]

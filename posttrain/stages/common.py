@@ -11,9 +11,10 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from posttrain.config.components import ModelConfig
+from posttrain.config.components import DataConfig, ModelConfig
 from posttrain.config.recipe import Recipe
 from posttrain.config.stages import StageConfig
+from posttrain.data.formats import Dataset, load_dataset
 from posttrain.errors import UserError, problem
 from posttrain.evals.base import EvalContext, run_evals
 from posttrain.loops.distributed import DistInfo
@@ -39,6 +40,11 @@ class StageContext:
     parents: dict[str, Path]  # parent stage name -> its artifact folder (absent if not yet built)
     dist: DistInfo
     show_progress: bool = True
+
+    def load_data(self, cfg: DataConfig, key: str = "data", expect: tuple[str, ...] = ()) -> Dataset:
+        """A dataset named in this stage's config (``key`` is its YAML key, for errors)."""
+        return load_dataset(cfg, where=f"{self.where}.{key}", base_dir=self.recipe.base_dir, expect=expect,
+                            artifacts=self.parents)
 
     @property
     def workdir(self) -> Path:

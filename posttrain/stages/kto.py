@@ -17,7 +17,6 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.stages.preference import KTOStage
-from posttrain.data.formats import load_dataset
 from posttrain.data.pairs import SequenceBatch, collate_sequences
 from posttrain.data.render import fit_length, render_prompt_completion
 from posttrain.errors import UserError
@@ -97,7 +96,7 @@ class KTORunner:
         if problems:
             raise UserError(problems)
         tokenizer = stage_tokenizer(ctx)
-        data = load_dataset(cfg.data, where=f"{ctx.where}.data", base_dir=ctx.recipe.base_dir, expect=("kto",))
+        data = ctx.load_data(cfg.data, expect=("kto",))
         if len(data.examples) < 2:
             raise UserError(f"{ctx.where}.data: KTO needs at least 2 rows (z0 pairs each prompt with another "
                             "row's completion)")

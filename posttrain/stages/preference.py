@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.stages.preference import LossSpec, PreferenceStage
-from posttrain.data.formats import LoadReport, load_dataset
+from posttrain.data.formats import LoadReport
 from posttrain.data.pairs import (
     PairReport,
     SequenceBatch,
@@ -90,7 +90,7 @@ class PreferenceRunner:
         if problems:
             raise UserError(problems)
         tokenizer = stage_tokenizer(ctx)
-        data = load_dataset(cfg.data, where=f"{ctx.where}.data", base_dir=ctx.recipe.base_dir, expect=PAIR_FORMATS)
+        data = ctx.load_data(cfg.data, expect=PAIR_FORMATS)
         pairs, report = render_pairs(
             tokenizer, expand_rankings(data.examples, cfg.rankings), max_length=cfg.train.max_length,
             max_prompt_length=cfg.max_prompt_length, on_overlong=cfg.train.on_overlong,

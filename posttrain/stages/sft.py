@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.config.components import TrainConfig
 from posttrain.data.batching import TOKEN_MEAN, MicroBatch, Row, collate, make_rows, row_units
-from posttrain.data.formats import LoadReport, load_dataset
+from posttrain.data.formats import LoadReport
 from posttrain.data.render import RenderReport, render_dataset
 from posttrain.loops.distributed import DistInfo
 from posttrain.loops.offline import OfflineJob, ResolvedTrain, resolve_train, run_offline
@@ -72,7 +72,7 @@ class TokenLMStage:
     def prepare(self, ctx: StageContext) -> PreparedLM:
         cfg, train = ctx.config, ctx.config.train
         tokenizer = stage_tokenizer(ctx)
-        data = load_dataset(cfg.data, where=f"{ctx.where}.data", base_dir=ctx.recipe.base_dir, expect=self.formats)
+        data = ctx.load_data(cfg.data, expect=self.formats)
         loss_on = self.fixed_loss_on or cfg.loss_on
         rendered, report = render_dataset(tokenizer, data.examples, loss_on=loss_on, max_length=train.max_length,
                                           on_overlong=train.on_overlong,

@@ -2,7 +2,9 @@
 all in ``STAGE_KINDS``; a stage's run function lives in ``posttrain/stages``."""
 
 from posttrain.config.stage_base import STAGE_KINDS, StageConfig
+from posttrain.config.stages.data import GenerateStage, ScoreStage, SelectStage
 from posttrain.config.stages.lm import PretrainStage, SFTStage
 from posttrain.config.stages.preference import KTOStage, PreferenceStage
 
-__all__ = ["STAGE_KINDS", "KTOStage", "PreferenceStage", "PretrainStage", "SFTStage", "StageConfig"]
+__all__ = ["STAGE_KINDS", "GenerateStage", "KTOStage", "PreferenceStage", "PretrainStage", "SFTStage",
+           "ScoreStage", "SelectStage", "StageConfig"]

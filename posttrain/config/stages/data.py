@@ -1,0 +1,93 @@
+"""Data stages: their artifact is a dataset (``data.jsonl``), read by later stages with
+``data: {stage: NAME}``. Every output row keeps its provenance."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from posttrain.config.base import StrictModel
+from posttrain.config.components import DataConfig
+from posttrain.config.stage_base import STAGE_KINDS, StageConfig
+
+
+class SamplingConfig(StrictModel):
+    """How completions are sampled (the hf engine; temperature semantics match the trainer's)."""
+
+    n: int = Field(4, gt=0, description="completions per prompt")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    max_new_tokens: int = Field(256, gt=0)
+    stop: list[str] = Field(default_factory=list, description="stop strings")
+    seed: int | None = Field(None, description="default: the recipe's seed")
+    batch_size: int = Field(64, gt=0, description="sequences per generation batch")
+
+
+class RewardSpec(StrictModel):
+    """A named reward: a verifier kind (math, code, ifeval, json, regex, ...), a reward model, or
+    ``package.module:function``. Keys other than name/weight/path are the reward's parameters and
+    are added to every row it scores (e.g. ``strict: true`` for math)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(description="verifier kind, 'reward_model', or 'pkg.mod:fn'")
+    weight: float = Field(1.0, description="weight in the combined score")
+    path: str | None = Field(None, description="a reward model's folder (for name: reward_model)")
+
+    def params(self) -> dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+class DataStage(StageConfig):
+    produces: ClassVar[str] = "dataset"
+    uses_model: ClassVar[bool] = False
+
+
+class GenerateStage(DataStage):
+    """N samples per prompt from a model (``from:`` a model stage, or ``model:``)."""
+
+    uses_model: ClassVar[bool] = True
+    kind: Literal["generate"]
+    data: DataConfig = Field(description="prompts (prompt rows; other fields are kept for rewards)")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class ScoreStage(DataStage):
+    """Scores every completion with one or several rewards; ``score`` = the weighted sum."""
+
+    kind: Literal["score"]
+    data: DataConfig = Field(description="rows with prompt and completion, e.g. {stage: generate}")
+    rewards: list[RewardSpec] = Field(min_length=1)
+
+
+class SelectStage(DataStage):
+    """Per prompt: the best completions (SFT rows) or chosen/rejected pairs (preference rows)."""
+
+    kind: Literal["select"]
+    data: DataConfig = Field(description="scored rows, e.g. {stage: score}")
+    mode: Literal["best_of_n", "top_k", "pairs"] = "best_of_n"
+    k: int = Field(1, gt=0, description="completions kept per prompt (top_k)")
+    min_score: float | None = Field(None, description="keep only completions scoring at least this")
+    pairs: Literal["best_vs_worst", "all_pairs"] = Field("best_vs_worst", description="pair construction")
+    min_margin: float = Field(0.0, ge=0, description="pairs need a score gap above this (ties never pair)")
+    drop_truncated_chosen: bool = Field(True, description="no pair whose chosen completion hit the length limit")
+    min_length_ratio: float = Field(0.0, ge=0, le=1,
+                                    description="no pair whose chosen is shorter than this x the rejected")
+
+    @model_validator(mode="after")
+    def _unused(self) -> SelectStage:
+        pair_keys = ("pairs", "min_margin", "drop_truncated_chosen", "min_length_ratio")
+        if self.mode != "pairs":
+            for key in pair_keys:
+                if self.explicitly_set(key):
+                    raise ValueError(f"'{key}' has no effect with mode: {self.mode}; fix: remove it or use mode: pairs")
+        if self.mode != "top_k" and self.explicitly_set("k"):
+            raise ValueError(f"'k' has no effect with mode: {self.mode}; fix: remove it or use mode: top_k")
+        return self
+
+
+STAGE_KINDS.add("generate", GenerateStage)
+STAGE_KINDS.add("score", ScoreStage)
+STAGE_KINDS.add("select", SelectStage)

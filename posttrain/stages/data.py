@@ -1,0 +1,222 @@
+"""Data stages: ``generate`` (samples from a model), ``score`` (rewards), ``select`` (best-of-N,
+top-K, or preference pairs). Each writes ``data.jsonl`` into its artifact folder; every row keeps
+its provenance (source model artifact, stage, rewards, time) under ``provenance``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.config.stages.data import GenerateStage, ScoreStage, SelectStage
+from posttrain.data.formats import DATASET_FILE, read_rows
+from posttrain.data.render import render_prompt
+from posttrain.errors import UserError, problem
+from posttrain.rewards.base import Scorer, build_scorer, combine
+from posttrain.rollout.hf import HFSampler, SamplingParams
+from posttrain.stages.common import StageContext, StageOutput, stage_tokenizer, starting_model
+from posttrain.types import RowSource
+
+
+def write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """The stage's dataset, written to a temporary file, fsynced, then renamed into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (DATASET_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / DATASET_FILE)
+
+
+def _stamp(row: dict[str, Any], step: str, record: dict[str, Any]) -> dict[str, Any]:
+    provenance = dict(row.get("provenance") or {})
+    provenance[step] = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {**row, "provenance": provenance}
+
+
+def _rows(ctx: StageContext, key: str = "data") -> list[tuple[dict[str, Any], RowSource]]:
+    rows, _ = read_rows(getattr(ctx.config, key), where=f"{ctx.where}.{key}", base_dir=ctx.recipe.base_dir,
+                        artifacts=ctx.parents)
+    return rows
+
+
+def _need(row: dict[str, Any], source: RowSource, field: str) -> Any:
+    if field not in row:
+        raise UserError(problem(f"{source} field {field!r}", "missing", "this stage reads rows that have it"))
+    return row[field]
+
+
+# ------------------------------------------------------------------ generate
+
+
+@dataclass
+class PreparedGenerate:
+    tokenizer: Any
+    rows: list[tuple[dict[str, Any], RowSource]]
+    prompts: list[list[int]]
+
+
+class GenerateRunner:
+    def prepare(self, ctx: StageContext) -> PreparedGenerate:
+        tokenizer = stage_tokenizer(ctx)
+        rows = _rows(ctx)
+        prompts = [render_prompt(tokenizer, _need(r, src, "prompt"), src) for r, src in rows]
+        return PreparedGenerate(tokenizer, rows, prompts)
+
+    def describe(self, ctx: StageContext, prepared: PreparedGenerate) -> dict[str, Any]:
+        n = ctx.config.sampling.n
+        return {"prompts": len(prepared.rows), "completions": n * len(prepared.rows)}
+
+    def run(self, ctx: StageContext, prepared: PreparedGenerate) -> StageOutput:
+        cfg: GenerateStage = ctx.config
+        s = cfg.sampling
+        model = starting_model(ctx, prepared.tokenizer).to(ctx.dist.device)
+        sampler = HFSampler(model, prepared.tokenizer, batch_size=s.batch_size, show_progress=ctx.show_progress)
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                max_new_tokens=s.max_new_tokens, stop=s.stop,
+                                seed=s.seed if s.seed is not None else ctx.seed)
+        rollouts = sampler.generate(prepared.prompts, params)
+        source_model = ctx.parents[cfg.from_].name if cfg.from_ else "model:" + str(cfg.model.path or "tiny")
+        out = []
+        for r in rollouts:
+            row, _ = prepared.rows[r.prompt_index]
+            fresh = {**row, "completion": r.text, "group": r.prompt_index, "sample": r.sample_index,
+                     "finish_reason": r.finish_reason, "completion_tokens": len(r.completion_ids)}
+            out.append(_stamp(fresh, "generate", {"stage": ctx.name, "model": source_model,
+                                                  "temperature": s.temperature, "seed": params.seed}))
+        if ctx.dist.is_main:
+            write_rows(ctx.out_dir, out)
+        truncated = sum(r.truncated for r in rollouts) / len(rollouts)
+        mean_tokens = sum(len(r.completion_ids) for r in rollouts) / len(rollouts)
+        return StageOutput({"rows": float(len(out)), "truncated_share": truncated, "mean_tokens": mean_tokens})
+
+
+# ------------------------------------------------------------------ score
+
+
+@dataclass
+class PreparedScore:
+    rows: list[tuple[dict[str, Any], RowSource]]
+    scorers: dict[str, Scorer]
+    weights: dict[str, float]
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return out
+
+
+class ScoreRunner:
+    def prepare(self, ctx: StageContext) -> PreparedScore:
+        cfg: ScoreStage = ctx.config
+        names = _unique_names([r.name.split(":")[-1] for r in cfg.rewards])
+        scorers = {n: build_scorer(r.name, r.params(), where=f"{ctx.where}.rewards.{i}", path=r.path,
+                                   base_dir=ctx.recipe.base_dir)
+                   for i, (n, r) in enumerate(zip(names, cfg.rewards))}
+        weights = {n: r.weight for n, r in zip(names, cfg.rewards)}
+        return PreparedScore(_rows(ctx), scorers, weights)
+
+    def describe(self, ctx: StageContext, prepared: PreparedScore) -> dict[str, Any]:
+        return {"rewards": prepared.weights}
+
+    def run(self, ctx: StageContext, prepared: PreparedScore) -> StageOutput:
+        rows = prepared.rows
+        completions = [str(_need(r, src, "completion")) for r, src in rows]
+        plain = [r for r, _ in rows]
+        per_reward = {name: scorer(completions, plain) for name, scorer in prepared.scorers.items()}
+        combined = combine(per_reward, prepared.weights)
+        out = []
+        for i, ((row, _), (score, components)) in enumerate(zip(rows, combined)):
+            meta = {name: per_reward[name][i].meta for name in per_reward}
+            scored = {**row, "rewards": components, "score": score, "reward_meta": meta}
+            out.append(_stamp(scored, "score", {"stage": ctx.name, "weights": prepared.weights}))
+        if ctx.dist.is_main:
+            write_rows(ctx.out_dir, out)
+        valid = [s for s, _ in combined if s is not None]
+        metrics = {"rows": float(len(out)), "masked_share": 1 - len(valid) / len(out),
+                   "mean_score": sum(valid) / len(valid) if valid else float("nan")}
+        for name, results in per_reward.items():
+            scores = [r.score for r in results if r.score is not None]
+            metrics[f"mean_{name}"] = sum(scores) / len(scores) if scores else float("nan")
+        return StageOutput(metrics)
+
+
+# ------------------------------------------------------------------ select
+
+
+class SelectRunner:
+    def prepare(self, ctx: StageContext) -> list[tuple[dict[str, Any], RowSource]]:
+        return _rows(ctx)
+
+    def describe(self, ctx: StageContext, prepared: list) -> dict[str, Any]:
+        return {"mode": ctx.config.mode, "rows": len(prepared)}
+
+    def run(self, ctx: StageContext, prepared: list[tuple[dict[str, Any], RowSource]]) -> StageOutput:
+        cfg: SelectStage = ctx.config
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row, src in prepared:
+            _need(row, src, "completion")
+            if "score" not in row:
+                raise UserError(problem(f"{src} field 'score'", "missing: select reads scored rows",
+                                        "put a score stage before it (data: {stage: <score stage>})"))
+            groups[str(row.get("group", json.dumps(row.get("prompt"), sort_keys=True)))].append(row)
+        counts: dict[str, int] = defaultdict(int)
+        out = []
+        for rows in groups.values():
+            scored = sorted((r for r in rows if r["score"] is not None), key=lambda r: -r["score"])
+            counts["masked"] += len(rows) - len(scored)
+            picked = _pairs(scored, cfg, counts) if cfg.mode == "pairs" else _best(scored, cfg, counts)
+            out += [_stamp(r, "select", {"stage": ctx.name, "mode": cfg.mode}) for r in picked]
+        if not out:
+            raise UserError(problem(ctx.where, f"selection kept nothing ({dict(counts)})",
+                                    "lower min_score / min_margin, or sample more completions"))
+        if ctx.dist.is_main:
+            write_rows(ctx.out_dir, out)
+        return StageOutput({"rows": float(len(out)), "prompts": float(len(groups))},
+                           info={"dropped": dict(counts)})
+
+
+def _best(scored: list[dict[str, Any]], cfg: SelectStage, counts: dict[str, int]) -> list[dict[str, Any]]:
+    k = cfg.k if cfg.mode == "top_k" else 1
+    kept = [r for r in scored if cfg.min_score is None or r["score"] >= cfg.min_score][:k]
+    counts["below_min_score"] += min(k, len(scored)) - len(kept)
+    return [{**_base(r), "completion": r["completion"], "score": r["score"]} for r in kept]
+
+
+def _base(row: dict[str, Any]) -> dict[str, Any]:
+    keep = ("prompt", "answer", "group", "provenance")
+    return {k: row[k] for k in keep if k in row}
+
+
+def _pairs(scored: list[dict[str, Any]], cfg: SelectStage, counts: dict[str, int]) -> list[dict[str, Any]]:
+    """Pairs within one prompt's completions (sorted best first); ``min_score`` bounds the chosen."""
+    if len(scored) < 2:
+        counts["fewer_than_two"] += 1
+        return []
+    candidates = ([(scored[0], scored[-1])] if cfg.pairs == "best_vs_worst" else
+                  [(scored[i], scored[j]) for i in range(len(scored)) for j in range(i + 1, len(scored))])
+    out = []
+    for chosen, rejected in candidates:
+        margin = chosen["score"] - rejected["score"]
+        if margin <= cfg.min_margin:
+            counts["tie_or_small_margin"] += 1
+        elif cfg.min_score is not None and chosen["score"] < cfg.min_score:
+            counts["chosen_below_min_score"] += 1
+        elif cfg.drop_truncated_chosen and chosen.get("finish_reason") == "length":
+            counts["chosen_truncated"] += 1
+        elif len(chosen["completion"]) < cfg.min_length_ratio * len(rejected["completion"]):
+            counts["chosen_much_shorter"] += 1
+        else:
+            out.append({**_base(chosen), "chosen": chosen["completion"], "rejected": rejected["completion"],
+                        "margin": margin, "chosen_score": chosen["score"], "rejected_score": rejected["score"]})
+    return out
