@@ -249,7 +249,6 @@ def test_parity_with_trl(
 ) -> None:
     """To 1e-7, not 1e-12: TRL's ``nanstd`` computes its Bessel factor count / (count - 1) from
     integer tensors, which yields float32 even for float64 rewards (relative error ~1e-8)."""
-    pytest.importorskip("trl")
     rewards = parity_rewards()
     valid = ~torch.isnan(rewards)
     torch.testing.assert_close(ours(rewards, valid=valid), trl(rewards), atol=1e-7, rtol=0)

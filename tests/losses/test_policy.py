@@ -376,7 +376,6 @@ def compare_with_trl(
 )
 @pytest.mark.parametrize("eps_high", [None, 0.28], ids=["symmetric", "clip-higher"])
 def test_trl_loss_types_map_onto_our_aggregations(loss_type: str, mode: str, eps_high: float | None) -> None:
-    pytest.importorskip("trl")
     logp, old_logp, advantages, mask = ragged_batch()
     norm = GlobalNormalisers.from_masks([mask], max_completion_length=mask.shape[1])
 
@@ -394,7 +393,6 @@ def test_trl_loss_types_map_onto_our_aggregations(loss_type: str, mode: str, eps
 def test_trl_dapo_over_accumulated_micro_batches_equals_our_token_mean() -> None:
     """TRL ``dapo`` with 2 accumulation steps divides each micro-batch by the count of the whole
     generation batch: the sum of the pieces is the full batch's token mean, like ours."""
-    pytest.importorskip("trl")
     logp, old_logp, advantages, mask = ragged_batch(rows=4)
     total_tokens = mask.sum()
     trl_total = sum(
@@ -411,7 +409,6 @@ def test_trl_dapo_over_accumulated_micro_batches_equals_our_token_mean() -> None
 def test_trl_sequence_level_importance_sampling_is_our_gspo() -> None:
     """TRL ``importance_sampling_level="sequence"`` with ``loss_type="grpo"`` is GSPO with
     seq-mean-token-mean (what TRL recommends to reproduce the paper)."""
-    pytest.importorskip("trl")
     logp, old_logp, advantages, mask = ragged_batch(spread=5e-4)
     norm = GlobalNormalisers.from_masks([mask])
 
@@ -431,7 +428,6 @@ def test_trl_sequence_level_importance_sampling_is_our_gspo() -> None:
 def test_trl_vllm_token_truncate_is_our_truncated_is() -> None:
     """TRL ``vllm_importance_sampling_mode="token_truncate"``: ratio clamp(exp((old - sampler) *
     mask), max=C) multiplies the clipped per-token loss - our weights and ``is_weights``."""
-    pytest.importorskip("trl")
     logp, old_logp, advantages, mask = ragged_batch()
     sampler_logp = old_logp + 0.5 * torch.randn(old_logp.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
     cap = 3.0
@@ -451,7 +447,6 @@ def test_trl_vllm_token_truncate_is_our_truncated_is() -> None:
 
 def test_trl_kl_in_the_loss_is_our_k3_penalty() -> None:
     """TRL ``beta > 0``: per-token k3 KL to the reference added to the per-token loss."""
-    pytest.importorskip("trl")
     logp, old_logp, advantages, mask = ragged_batch()
     ref_logp = logp + 0.2 * torch.randn(logp.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
     beta = 0.04

@@ -20,16 +20,13 @@ import warnings
 
 import pytest
 import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-pytest.importorskip("trl")
-
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
-
-from posttrain.losses.kto import kl_completion_order, kto_kl_baseline, kto_loss  # noqa: E402
-from posttrain.losses.preference import (  # noqa: E402
+from posttrain.losses.kto import kl_completion_order, kto_kl_baseline, kto_loss
+from posttrain.losses.preference import (
     PreferenceLogps,
     combine_losses,
     cpo_loss,

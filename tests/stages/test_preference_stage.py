@@ -10,21 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-pytest.importorskip("trl")
-
-from datasets import Dataset  # noqa: E402
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
-
-from posttrain.cli import main  # noqa: E402
-from posttrain.data.pairs import collate_pairs, pairs_from_ranking, render_pairs  # noqa: E402
-from posttrain.loops.distributed import DistInfo  # noqa: E402
-from posttrain.monitoring.diagnostics import LengthBiasAlarm, MarginCollapseAlarm  # noqa: E402
-from posttrain.stages.kto import KTOObjective, _render, collate_kto  # noqa: E402
-from posttrain.stages.preference import preference_objective  # noqa: E402
-from posttrain.stages.reference import score_sequences  # noqa: E402
-from posttrain.losses.kto import UNPAIRED_LOSSES  # noqa: E402
-from posttrain.types import KTOExample, PreferencePair, RowSource  # noqa: E402
+from posttrain.cli import main
+from posttrain.data.pairs import collate_pairs, pairs_from_ranking, render_pairs
+from posttrain.loops.distributed import DistInfo
+from posttrain.losses.kto import UNPAIRED_LOSSES
+from posttrain.monitoring.diagnostics import LengthBiasAlarm, MarginCollapseAlarm
+from posttrain.stages.kto import KTOObjective, _render, collate_kto
+from posttrain.stages.preference import preference_objective
+from posttrain.stages.reference import score_sequences
+from posttrain.types import KTOExample, PreferencePair, RowSource
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 PAIRS = [
