@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from posttrain.config.base import StrictModel
 
@@ -118,22 +118,24 @@ class DataConfig(StrictModel):
         return self
 
 
-class TrainConfig(StrictModel):
-    """Optimisation and batching. Batch sizes count rows (packed rows when packing is on)."""
+class NamedSpec(StrictModel):
+    """A registered component by name plus its parameters, e.g. ``{name: dpo, beta: 0.1}``.
 
-    epochs: float = Field(1.0, gt=0, description="passes over the data (or set max_steps instead)")
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; replaces epochs")
-    global_batch_size: int = Field(32, gt=0, description="rows per optimizer step, over all processes")
-    micro_batch_size: int = Field(8, gt=0, description="rows per forward/backward on one process")
-    max_length: int = Field(1024, gt=1, description="tokens per row")
-    on_overlong: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="rows longer than max_length: cut the end, drop them, or fail"
-    )
-    max_truncated_share: float = Field(
-        0.1, ge=0, le=1, description="fail if more than this share of rows is truncated or dropped"
-    )
-    packing: bool = Field(False, description="best-fit pack rows; attention never crosses rows")
-    shuffle: bool = True
+    Every key other than the declared fields is a parameter of the named component; the stage
+    checks them against its signature (an unknown parameter is an error listing the valid ones).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(description="a registered name, a peer's alias, or 'package.module:object'")
+
+    def params(self) -> dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(StrictModel):
+    """Optimisation, precision and checkpointing: shared by the offline and online loops."""
+
     lr: float = Field(1e-5, gt=0, description="peak learning rate")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
@@ -156,13 +158,36 @@ class TrainConfig(StrictModel):
     seed: int | None = Field(None, description="default: the recipe's seed")
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
+    def _schedule(self) -> OptimConfig:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("set warmup_steps or warmup_ratio, not both; fix: remove one")
-        if self.max_steps is not None and self.explicitly_set("epochs"):
-            raise ValueError("set epochs or max_steps, not both; fix: remove one")
         if self.schedule == "constant" and self.explicitly_set("min_lr_ratio"):
             raise ValueError(_unused(self, "min_lr_ratio", "with schedule: constant"))
+        return self
+
+
+class TrainConfig(OptimConfig):
+    """Offline training: optimisation plus batching. Batch sizes count rows (packed rows when
+    packing is on)."""
+
+    epochs: float = Field(1.0, gt=0, description="passes over the data (or set max_steps instead)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; replaces epochs")
+    global_batch_size: int = Field(32, gt=0, description="rows per optimizer step, over all processes")
+    micro_batch_size: int = Field(8, gt=0, description="rows per forward/backward on one process")
+    max_length: int = Field(1024, gt=1, description="tokens per row")
+    on_overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="rows longer than max_length: cut the end, drop them, or fail"
+    )
+    max_truncated_share: float = Field(
+        0.1, ge=0, le=1, description="fail if more than this share of rows is truncated or dropped"
+    )
+    packing: bool = Field(False, description="best-fit pack rows; attention never crosses rows")
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.max_steps is not None and self.explicitly_set("epochs"):
+            raise ValueError("set epochs or max_steps, not both; fix: remove one")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config.components import TrainConfig
+from posttrain.config.components import OptimConfig, TrainConfig
 from posttrain.errors import UserError, problem
 from posttrain.loops.distributed import DistInfo, allreduce_gradients, allreduce_sum, barrier
 from posttrain.loops.state import (
@@ -79,15 +79,11 @@ def resolve_train(cfg: TrainConfig, rows: int, world_size: int, seed: int) -> Re
         total = cfg.max_steps
     else:
         total = max(1, math.ceil(cfg.epochs * rows / cfg.global_batch_size))
-    if cfg.warmup_steps is not None:
-        warmup = cfg.warmup_steps
-    else:
-        warmup = round((cfg.warmup_ratio or 0.0) * total)
     micro = cfg.global_batch_size // cfg.micro_batch_size
     return ResolvedTrain(
         rows=rows, world_size=world_size, rows_per_step=cfg.global_batch_size,
         micro_batches_per_step=micro, accumulation=micro // world_size, total_steps=total,
-        warmup_steps=min(warmup, total), epochs=total * cfg.global_batch_size / rows,
+        warmup_steps=warmup_steps(cfg, total), epochs=total * cfg.global_batch_size / rows,
         seed=cfg.seed if cfg.seed is not None else seed,
     )
 
@@ -162,7 +158,7 @@ class TrainResult:
     resumed_from: int | None
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -174,9 +170,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
 
-def lr_factor(step: int, cfg: TrainConfig, resolved: ResolvedTrain) -> float:
+def lr_factor(step: int, cfg: OptimConfig, warmup: int, total: int) -> float:
     """Linear warmup from 0, then cosine or linear decay to ``min_lr_ratio`` (or constant)."""
-    warmup, total = resolved.warmup_steps, resolved.total_steps
     if step < warmup:
         return (step + 1) / warmup
     if cfg.schedule == "constant" or total <= warmup:
@@ -188,7 +183,18 @@ def lr_factor(step: int, cfg: TrainConfig, resolved: ResolvedTrain) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, warmup: int, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, warmup, total))
+
+
+def warmup_steps(cfg: OptimConfig, total: int) -> int:
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total)
+    return min(round((cfg.warmup_ratio or 0.0) * total), total)
+
+
+def autocast(cfg: OptimConfig, device: torch.device):
+    """bf16 autocast when asked for, or on a GPU that supports it with ``precision: auto``."""
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -201,7 +207,7 @@ def run_offline(job: OfflineJob) -> TrainResult:
     model.to(info.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, resolved))
+    scheduler = build_scheduler(optimizer, cfg, resolved.warmup_steps, resolved.total_steps)
     plan = StepPlan(job.lengths, cfg, resolved)
     start, resumed_from = _resume(job, optimizer, scheduler)
     metrics = Metrics(job.out_dir, job.name) if info.is_main else None
@@ -261,10 +267,10 @@ def _accumulate(job: OfflineJob, plan: StepPlan, step: int, params: list[torch.n
     batches = [job.collate([job.rows[i] for i in indices]).to(info.device)
                for indices in plan.micro_batches(step, info.rank)]
     if job.before_step is not None:
-        with _autocast(job.train, info.device):
+        with autocast(job.train, info.device):
             job.before_step(job.model, batches)
     for batch in batches:
-        with _autocast(job.train, info.device):
+        with autocast(job.train, info.device):
             loss, part = job.objective(job.model, batch, max(normaliser, 1e-12))
         loss.backward()
         tokens += batch.tokens

@@ -161,3 +161,20 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if hidden.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32, device=hidden.device) + (hidden.sum() + weight.sum()) * 0.0
     return _TokenLogprobs.apply(hidden, weight, targets, chunk, temperature)
+
+
+@torch.no_grad()
+def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, chunk: int = 1024,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position [N] (no gradient; a metric)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    chunk = chunk_rows(chunk, vocab)
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    w_fp32 = weight.float()
+    for start in range(0, n, chunk):
+        logits = hidden[start : start + chunk].float() @ w_fp32.t()
+        if temperature != 1.0:
+            logits.div_(temperature)
+        logp = torch.log_softmax(logits, dim=-1)
+        out[start : start + chunk] = -(logp.exp() * logp).sum(-1)
+    return out

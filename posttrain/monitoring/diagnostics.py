@@ -95,3 +95,92 @@ def pearson(moments: dict[str, float]) -> float | None:
     if var_x <= 1e-12 or var_y <= 1e-12:
         return None
     return cov / math.sqrt(var_x * var_y)
+
+
+class RLHealth:
+    """Per-step health of an online run: alarms, and a stop when a run is training on nothing.
+
+    Stops (``TrainingAborted``, naming the likely cause and the setting to change) when, for
+    ``stop_after`` steps in a row, nearly every completion was truncated or nearly every group had
+    zero reward variance. Alarms: sampler/trainer logprob gap, importance ratio, KL, response
+    length growth, masked (None) rewards.
+    """
+
+    def __init__(self, cfg, where: str) -> None:
+        self.cfg, self.where = cfg, where
+        self.truncated_run = 0
+        self.flat_run = 0
+        self.lengths: deque[float] = deque(maxlen=cfg.window)
+        self.last_fired: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, object]:
+        return {"truncated_run": self.truncated_run, "flat_run": self.flat_run, "lengths": list(self.lengths),
+                "last_fired": dict(self.last_fired)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.truncated_run, self.flat_run = int(state["truncated_run"]), int(state["flat_run"])
+        self.lengths = deque(state["lengths"], maxlen=self.cfg.window)
+        self.last_fired = dict(state["last_fired"])
+
+    def check(self, step: int, m: dict[str, float]) -> list[str]:
+        """Alarm messages for this step (each kind at most once per window)."""
+        self._stops(step, m)
+        out = []
+        for kind, message in self._alarms(m):
+            if step - self.last_fired.get(kind, -self.cfg.window) >= self.cfg.window:
+                self.last_fired[kind] = step
+                out.append(message)
+        return out
+
+    def _alarms(self, m: dict[str, float]) -> list[tuple[str, str]]:
+        alarms = []
+        c = self.cfg
+        if m.get("logprob_gap_max", 0.0) > c.logprob_gap:
+            alarms.append(("gap", f"sampler and trainer disagree: max logprob gap {m['logprob_gap_max']:.3g} nats "
+                          f"(> {c.logprob_gap}); check that the sampler has the current weights and the same "
+                          "temperature, or enable tis_cap"))
+        if m.get("ratio_max", 1.0) > c.max_ratio:
+            alarms.append(("ratio", f"importance ratio {m['ratio_max']:.3g} > {c.max_ratio}: updates are far off-policy; "
+                          "lower lr or ppo_epochs"))
+        if m.get("kl", 0.0) > c.kl:
+            alarms.append(("kl", f"KL to the reference {m['kl']:.3g} per token > {c.kl}: the policy is drifting; raise "
+                          "kl.beta or set kl.target"))
+        if m.get("masked_reward_share", 0.0) > 0.5:
+            alarms.append(("masked", f"{m['masked_reward_share']:.0%} of rewards are masked (None): check the reward"))
+        alarms += [("length", message) for message in self._length_trend(m)]
+        return alarms
+
+    def _stops(self, step: int, m: dict[str, float]) -> None:
+        from posttrain.errors import problem
+        from posttrain.loops.offline import TrainingAborted
+
+        c = self.cfg
+        self.truncated_run = self.truncated_run + 1 if m.get("truncated_share", 0.0) >= c.truncated_share else 0
+        self.flat_run = self.flat_run + 1 if m.get("zero_variance_share", 0.0) >= c.zero_variance_share else 0
+        if self.truncated_run >= c.stop_after:
+            raise TrainingAborted(problem(
+                f"{self.where} step {step}", f"{m['truncated_share']:.0%} of completions hit the length limit for "
+                f"{self.truncated_run} steps in a row: the policy is learning from cut-off text",
+                "raise sampling.max_new_tokens, check that the EOS/stop tokens are right, or add an overlong "
+                "penalty reward"))
+        if self.flat_run >= c.stop_after:
+            raise TrainingAborted(problem(
+                f"{self.where} step {step}", f"{m['zero_variance_share']:.0%} of groups had identical rewards for "
+                f"{self.flat_run} steps in a row: the advantages are zero, nothing is being learned",
+                "check the reward on a few samples (is it constant?), make the prompts easier/harder, raise "
+                "sampling.temperature or sampling.n, or enable dynamic_sampling"))
+
+    def _length_trend(self, m: dict[str, float]) -> list[str]:
+        length = m.get("completion_length")
+        if length is None:
+            return []
+        self.lengths.append(length)
+        if len(self.lengths) < self.cfg.window or self.lengths[0] <= 0:
+            return []
+        growth = self.lengths[-1] / self.lengths[0] - 1
+        if growth > self.cfg.length_growth:
+            first = self.lengths[0]
+            self.lengths.clear()
+            return [f"response length grew {growth:.0%} over {self.cfg.window} steps ({first:.1f} -> {length:.1f} "
+                    "tokens): check for a reward that pays for length (reward hacking)"]
+        return []

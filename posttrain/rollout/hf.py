@@ -3,12 +3,17 @@
 The n samples of a prompt share one prefill (the cache is repeated after it). Returned token ids
 are exactly the sampled ones; logprobs are ``log softmax(logits / temperature)`` over the full
 vocabulary, the same quantity the trainer computes (top-p / top-k change what can be sampled,
-not the reported logprob). Sampling uses its own seeded generator, so it is reproducible and
-leaves the global RNG alone; temperature 0 is greedy and deterministic.
+not the reported logprob). Temperature 0 is greedy and deterministic.
+
+Sampling is *batch-invariant*: each (prompt key, sample index) row draws its uniforms from its own
+generator seeded by (seed, key, sample), and tokens are picked by inverse CDF. So a prompt gets
+the same completions whatever else is in its batch, and however prompts are split over
+processes; the global RNG is never touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -52,26 +57,30 @@ class HFSampler:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
-        """Rollouts grouped by prompt: prompt 0's n samples first, then prompt 1's, ..."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, keys: list[int] | None = None
+                 ) -> list[Rollout]:
+        """Rollouts grouped by prompt: prompt 0's n samples first, then prompt 1's, ...
+
+        ``keys`` name the prompts for seeding (default: their positions); ``prompt_index`` of the
+        rollouts is the key.
+        """
+        keys = list(range(len(prompts))) if keys is None else list(keys)
         was_training = self.model.training
         self.model.eval()
-        generator = torch.Generator(device="cpu").manual_seed(params.seed)
         per_batch = max(1, self.batch_size // max(params.n, 1))
         out: list[Rollout] = []
         progress = StepProgress("generate", len(prompts), enabled=self.show_progress)
         try:
             for start in range(0, len(prompts), per_batch):
                 chunk = prompts[start : start + per_batch]
-                out.extend(self._generate_batch(chunk, params, generator, start))
+                out.extend(self._generate_batch(chunk, params, keys[start : start + per_batch]))
                 progress.update(len(chunk))
         finally:
             progress.close()
             self.model.train(was_training)
         return out
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator,
-                        offset: int) -> list[Rollout]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, keys: list[int]) -> list[Rollout]:
         device, n = self.device, params.n
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
@@ -98,8 +107,9 @@ class HFSampler:
         lengths = torch.full((rows,), params.max_new_tokens, dtype=torch.long)
         done = torch.zeros(rows, dtype=torch.bool)
         eos = self.tokenizer.eos_token_id
+        uniforms = _row_uniforms(params, keys, params.max_new_tokens)
         for t in range(params.max_new_tokens):
-            choice, logp = _sample(logits, params, generator)
+            choice, logp = _sample(logits, params, uniforms[:, t].to(logits.device))
             tokens[:, t], logps[:, t] = choice.cpu(), logp.cpu()
             finished_now = ~done & (choice.cpu() == eos)
             finished_now |= ~done & self._hit_stop(tokens[:, : t + 1], params.stop)
@@ -112,7 +122,7 @@ class HFSampler:
                              position_ids=next_pos[:, None], use_cache=True, **{_CACHE_ARG: cache})
             cache, logits = _cache_of(out), out.logits[:, -1].float()
             next_pos = next_pos + 1
-        return self._rollouts(prompts, tokens, logps, lengths, done, params, offset)
+        return self._rollouts(prompts, tokens, logps, lengths, done, params, keys)
 
     def _hit_stop(self, tokens: torch.Tensor, stop: list[str]) -> torch.Tensor:
         if not stop:
@@ -120,7 +130,7 @@ class HFSampler:
         tail = self.tokenizer.batch_decode(tokens[:, -8:])
         return torch.tensor([any(s in text for s in stop) for text in tail])
 
-    def _rollouts(self, prompts, tokens, logps, lengths, done, params, offset) -> list[Rollout]:
+    def _rollouts(self, prompts, tokens, logps, lengths, done, params, keys) -> list[Rollout]:
         out = []
         for row in range(tokens.shape[0]):
             k = int(lengths[row])
@@ -129,23 +139,35 @@ class HFSampler:
                 prompt_ids=list(prompts[row // params.n]), completion_ids=completion,
                 logprobs=logps[row, :k].tolist(), finish_reason="stop" if bool(done[row]) else "length",
                 text=self.tokenizer.decode(completion, skip_special_tokens=True),
-                prompt_index=offset + row // params.n, sample_index=row % params.n,
+                prompt_index=keys[row // params.n], sample_index=row % params.n,
                 policy_version=self.version,
             ))
         return out
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+def _row_uniforms(params: SamplingParams, keys: list[int], steps: int) -> torch.Tensor:
+    """[rows, steps] uniforms; row (key, sample) always gets the same stream for a seed."""
+    out = torch.empty(len(keys) * params.n, steps)
+    for i, key in enumerate(keys):
+        for j in range(params.n):
+            digest = hashlib.blake2b(f"{params.seed}:{key}:{j}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            out[i * params.n + j] = torch.rand(steps, generator=g)
+    return out
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the next token per row; return it and its logprob under softmax(logits / T)."""
+    """Pick the next token per row (inverse CDF of the filtered distribution at ``uniform``);
+    return it and its logprob under softmax(logits / T)."""
     if params.temperature <= 0:
         choice = logits.argmax(-1)
         return choice, torch.log_softmax(logits, -1).gather(1, choice[:, None]).squeeze(1)
     scaled = logits / params.temperature
     logprobs = torch.log_softmax(scaled, -1)
-    filtered = _filter(scaled, params.top_k, params.top_p)
-    probs = torch.softmax(filtered, -1).cpu()
-    choice = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+    cdf = torch.softmax(_filter(scaled, params.top_k, params.top_p), -1).cumsum(-1)
+    choice = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
+    choice = choice.clamp(max=logits.shape[-1] - 1)
     return choice, logprobs.gather(1, choice[:, None]).squeeze(1)
 
 

@@ -2,6 +2,7 @@
 
 from posttrain.stages.common import STAGE_RUNNERS, StageContext, StageOutput, StageRunner
 from posttrain.stages.data import GenerateRunner, ScoreRunner, SelectRunner
+from posttrain.stages.grpo import GRPORunner
 from posttrain.stages.kto import KTORunner
 from posttrain.stages.preference import PreferenceRunner
 from posttrain.stages.pretrain import pretrain_stage
@@ -14,5 +15,6 @@ STAGE_RUNNERS.add("kto", KTORunner)
 STAGE_RUNNERS.add("generate", GenerateRunner)
 STAGE_RUNNERS.add("score", ScoreRunner)
 STAGE_RUNNERS.add("select", SelectRunner)
+STAGE_RUNNERS.add("grpo", GRPORunner)
 
 __all__ = ["STAGE_RUNNERS", "StageContext", "StageOutput", "StageRunner"]

@@ -75,3 +75,14 @@ def test_finish_reasons_and_top_k_one_equals_greedy(setup):
         ended = r.completion_ids[-1] == tokenizer.eos_token_id
         assert r.finish_reason == ("stop" if ended else "length")
         assert len(r.completion_ids) <= 6 and len(r.logprobs) == len(r.completion_ids)
+
+
+def test_sampling_is_batch_invariant(setup):
+    """A prompt's samples depend on (seed, its key, sample index) only: not on the other prompts
+    in its batch, the batch size, or how prompts are split over processes."""
+    model, tokenizer, prompts = setup
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=11)
+    together = HFSampler(model, tokenizer, batch_size=9).generate(prompts, params, keys=[10, 11, 12])
+    alone = HFSampler(model, tokenizer, batch_size=3).generate([prompts[1]], params, keys=[11])
+    assert [r.completion_ids for r in together[3:6]] == [r.completion_ids for r in alone]
+    assert [r.prompt_index for r in alone] == [11, 11, 11]

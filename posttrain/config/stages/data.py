@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from posttrain.config.base import StrictModel
-from posttrain.config.components import DataConfig
+from posttrain.config.components import DataConfig, NamedSpec
 from posttrain.config.stage_base import STAGE_KINDS, StageConfig
 
 
@@ -25,19 +25,13 @@ class SamplingConfig(StrictModel):
     batch_size: int = Field(64, gt=0, description="sequences per generation batch")
 
 
-class RewardSpec(StrictModel):
+class RewardSpec(NamedSpec):
     """A named reward: a verifier kind (math, code, ifeval, json, regex, ...), a reward model, or
     ``package.module:function``. Keys other than name/weight/path are the reward's parameters and
     are added to every row it scores (e.g. ``strict: true`` for math)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-
-    name: str = Field(description="verifier kind, 'reward_model', or 'pkg.mod:fn'")
     weight: float = Field(1.0, description="weight in the combined score")
     path: str | None = Field(None, description="a reward model's folder (for name: reward_model)")
-
-    def params(self) -> dict[str, object]:
-        return dict(self.model_extra or {})
 
 
 class DataStage(StageConfig):

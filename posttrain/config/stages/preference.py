@@ -4,27 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from posttrain.config.base import StrictModel
-from posttrain.config.components import DataConfig, TrainConfig
+from posttrain.config.components import DataConfig, NamedSpec, TrainConfig
 from posttrain.config.stage_base import STAGE_KINDS, StageConfig
 
 
-class LossSpec(StrictModel):
-    """A named loss and its parameters, e.g. ``{name: dpo, beta: 0.1}``.
+class LossSpec(NamedSpec):
+    """A named loss and its parameters, e.g. ``{name: dpo, beta: 0.1}``, with a weight for
+    combinations."""
 
-    Every key other than ``name`` and ``weight`` is a parameter of that loss; the stage checks
-    them against the loss's signature (an unknown parameter is an error listing the valid ones).
-    """
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
-
-    name: str = Field(description="a registered loss name or a peer's alias (sigmoid, sigmoid_norm, ...)")
     weight: float = Field(1.0, description="weight when several losses are combined")
-
-    def params(self) -> dict[str, object]:
-        return dict(self.model_extra or {})
 
 
 class ReferenceConfig(StrictModel):

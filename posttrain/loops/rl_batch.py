@@ -1,0 +1,107 @@
+"""Rollout batches for the online loop: token-in/token-out tensors, never re-tokenised.
+
+Every tensor is in *target space*: position t of a [R, L] tensor is token t + 1 of the sequence
+(prompt ids + completion ids as sampled), predicted from positions <= t. ``mask`` marks the
+completion tokens that are trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.models.forward import head_weight, hidden_states
+from posttrain.models.logprobs import token_entropy, token_logprobs
+from posttrain.types import Rollout
+
+
+@dataclass
+class RolloutBatch:
+    """This process's rollouts of one step. R rows, L = longest sequence - 1."""
+
+    input_ids: torch.Tensor  # [R, L + 1]
+    position_ids: torch.Tensor  # [R, L + 1]
+    lengths: torch.Tensor  # [R] prompt + completion tokens
+    completion: torch.Tensor  # [R, L] bool: every sampled completion token
+    mask: torch.Tensor  # [R, L] float: completion tokens trained on
+    sampler_logp: torch.Tensor  # [R, L] the sampler's logprobs at completion tokens (0 elsewhere)
+    rewards: torch.Tensor  # [R] combined reward (0 where invalid)
+    valid: torch.Tensor  # [R] bool: the reward is not None
+    truncated: torch.Tensor  # [R] bool
+    advantages: torch.Tensor | None = None  # [R]
+    old_logp: torch.Tensor | None = None  # [R, L] trainer logprobs before the update (None: on-policy)
+    ref_logp: torch.Tensor | None = None  # [R, L]
+    components: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """A sub-batch (micro-batch) of rows, trimmed to its own longest sequence."""
+        width = int(self.lengths[rows].max())
+
+        def cut(name: str) -> torch.Tensor | None:
+            t = getattr(self, name)
+            if t is None:
+                return None
+            if t.dim() == 1:
+                return t[rows]
+            return t[rows][:, : width if name in ("input_ids", "position_ids") else width - 1]
+
+        return RolloutBatch(**{name: cut(name) for name in _TENSORS})
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        fields = {name: getattr(self, name) for name in _TENSORS}
+        return RolloutBatch(**{k: None if v is None else v.to(device) for k, v in fields.items()},
+                            components=self.components)
+
+
+_TENSORS = ("input_ids", "position_ids", "lengths", "completion", "mask", "sampler_logp", "rewards", "valid",
+            "truncated", "advantages", "old_logp", "ref_logp")
+
+
+def build_batch(rollouts: list[Rollout], scores: list[float | None], pad_id: int, *, mask_truncated: bool
+                ) -> RolloutBatch:
+    """Right-padded tensors of prompt + completion; invalid rewards and (optionally) truncated
+    completions get an all-zero mask (no loss), but stay in the batch for the statistics."""
+    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    rows = len(rollouts)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    completion = torch.zeros((rows, width - 1), dtype=torch.bool)
+    mask = torch.zeros((rows, width - 1))
+    sampler = torch.zeros((rows, width - 1))
+    for i, r in enumerate(rollouts):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
+        completion[i, p - 1 : p - 1 + c] = True
+        train = scores[i] is not None and not (mask_truncated and r.truncated)
+        mask[i, p - 1 : p - 1 + c] = float(train)
+        sampler[i, p - 1 : p - 1 + c] = torch.tensor(r.logprobs)
+    return RolloutBatch(
+        input_ids=ids, position_ids=torch.arange(width).expand(rows, width).clone(),
+        lengths=torch.tensor([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]),
+        completion=completion, mask=mask, sampler_logp=sampler,
+        rewards=torch.tensor([0.0 if s is None else float(s) for s in scores]),
+        valid=torch.tensor([s is not None for s in scores]), truncated=torch.tensor([r.truncated for r in rollouts]))
+
+
+def policy_logprobs(model: torch.nn.Module, batch: RolloutBatch, *, temperature: float, chunk: int,
+                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The trainer's logprobs of the sampled tokens [R, L] (0 off the mask), with gradient when
+    enabled; optionally the per-token entropy [R, L] (no gradient). The same chunked code path as
+    every other loss, at the sampler's temperature."""
+    hidden = hidden_states(model, batch.input_ids, batch.position_ids)[:, :-1]
+    targets = batch.input_ids[:, 1:]
+    # Score every sampled token, even in rows masked out of the loss (for the metrics).
+    keep = batch.completion
+    weight = head_weight(model)
+    values = token_logprobs(hidden[keep], weight, targets[keep], chunk=chunk, temperature=temperature)
+    out = torch.zeros(targets.shape, dtype=values.dtype, device=values.device)
+    out = out.masked_scatter(keep, values)
+    ent = None
+    if entropy:
+        ent = torch.zeros(targets.shape, dtype=torch.float32, device=values.device)
+        ent[keep] = token_entropy(hidden[keep].detach(), weight.detach(), chunk=chunk, temperature=temperature)
+    return out, ent
