@@ -59,3 +59,44 @@ def test_two_processes_equal_one(tmp_path, demo_tokenizer):
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3  # training moved the weights
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5, worst
+
+
+RL_RECIPE = """\
+name: ddp-rl
+seed: 0
+stages:
+  rl:
+    kind: grpo
+    model:
+      tokenizer: builtin:demo
+      tiny: {hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}
+    data: {builtin: demo.prompts, args: {n: 16}}
+    rewards: [{name: math}, {name: length, target_length: 5, length_scale: 200, weight: 0.5}]
+    sampling: {n: 4, max_new_tokens: 16}
+    advantage: {name: reinforce_pp}
+    kl: {beta: 0.01}
+    train: {lr: 1e-3, max_steps: 3, prompts_per_step: 4, micro_batch_size: 4, checkpoint_every: 0}
+"""
+
+
+@pytest.mark.slow
+def test_grpo_two_processes_equal_one(tmp_path):
+    """Batch-normalised advantages (reinforce_pp) and the KL term make this a real check that
+    rewards, advantages and normalisers are global."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RL_RECIPE)
+    env = {**os.environ, "POSTTRAIN_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--workdir",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m", "posttrain.cli", "run",
+                          str(recipe), "--workdir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    load = lambda w: load_file(str(next((tmp_path / w / "stages" / "rl").glob("*/model/model.safetensors"))))  # noqa: E731
+    a, b = load("one"), load("two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    rewards = [[json.loads(line).get("reward_mean") for line in next((tmp_path / w / "stages" / "rl").glob(
+        "*/metrics.jsonl")).read_text().splitlines()] for w in ("one", "two")]
+    assert rewards[0] == rewards[1]  # the same completions were sampled
