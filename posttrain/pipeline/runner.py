@@ -27,7 +27,7 @@ from posttrain.pipeline.artifacts import (
     stage_key,
     write_manifest,
 )
-from posttrain.provenance import code_version
+from posttrain.provenance import code_version, source_hash
 from posttrain.stages.common import STAGE_RUNNERS, StageContext, StageRunner
 
 
@@ -168,7 +168,7 @@ def _manifest(recipe: Recipe, name: str, artifact: Artifact, keys: dict[str, str
         "kind": stage.produces, "stage": name, "stage_kind": stage.kind, "key": artifact.key,
         "parents": parents, "config": stage.model_dump(by_alias=True, mode="json"),
         "data": data_fingerprints(stage, recipe), "tokenizer": _tokenizer_hash(artifact.folder),
-        "code_version": code_version(), "metrics": output.metrics, "alarms": output.alarms,
+        "code_version": code_version(), "source_hash": source_hash(), "metrics": output.metrics, "alarms": output.alarms,
         "info": output.info, "seconds": seconds, "model_base": model_base,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
