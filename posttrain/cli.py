@@ -1,11 +1,14 @@
 """The ``posttrain`` command.
 
-    posttrain run RECIPE [--set a.b=v ...] [--workdir DIR]
+    posttrain run RECIPE [--set a.b=v ...] [--workdir DIR] [--only S | --from S | --until S]
+    posttrain status WORKDIR | rollback WORKDIR STAGE | lineage WORKDIR ARTIFACT
     posttrain validate RECIPE [--set ...]
     posttrain plan RECIPE [--set ...] [--workdir DIR]
     posttrain data show RECIPE --stage S [--n 2]
     posttrain demo [--workdir runs/demo]
     posttrain verify KIND --data FILE [--out FILE]
+    posttrain eval MODEL --tasks gsm8k,ifeval [...] | posttrain eval --compare A B
+    posttrain data contamination TRAIN --against EVAL [...]
 
 A problem the user can fix exits with code 2 and a message naming the file:line or key and the
 fix, never a traceback.
@@ -20,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.errors import EXIT_USER_ERROR, UserError
+from posttrain.evals.cli import add_contamination_parser, add_eval_parser  # argparse only; light
 
 DEMO_RECIPE = Path(__file__).parent / "demo" / "recipe.yaml"
 
@@ -38,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe (resumes; skips stages whose artifact exists)")
     _add_recipe_args(p, workdir=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--only", metavar="STAGE", help="run only this stage (its inputs must exist)")
+    p.add_argument("--from", dest="from_", metavar="STAGE", help="run this stage and its descendants")
+    p.add_argument("--until", metavar="STAGE", help="run this stage and its ancestors")
+    p = sub.add_parser("status", help="the DAG of a workdir: status, keys, metrics, gates, alarms, head")
+    p.add_argument("workdir", type=Path)
+    p = sub.add_parser("rollback", help="point the pipeline head at an earlier good stage")
+    p.add_argument("workdir", type=Path)
+    p.add_argument("stage")
+    p = sub.add_parser("lineage", help="an artifact's parents back to the base model and raw data, with hashes")
+    p.add_argument("workdir", type=Path)
+    p.add_argument("artifact", help="a stage name, a key (or its prefix), or an artifact folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a tree")
     p = sub.add_parser("validate", help="check a recipe; exit 0 or 2 with every problem")
     _add_recipe_args(p)
     p = sub.add_parser("plan", help="print the resolved recipe and derived quantities; runs nothing")
@@ -55,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", help="math | code | ifeval | ifeval_loose | json | regex | exact | choice | format")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path)
+    add_eval_parser(sub)
+    add_contamination_parser(data)
     return parser
 
 
@@ -76,11 +94,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return cmd_plan(args)
     if args.command == "run":
-        return cmd_run(args.recipe, args.overrides, args.workdir, not args.no_progress)
+        from posttrain.pipeline.runner import Selection
+
+        return cmd_run(args.recipe, args.overrides, args.workdir, not args.no_progress,
+                       selection=Selection(args.only, args.from_, args.until))
+    if args.command in ("status", "rollback", "lineage"):
+        return cmd_inspect(args)
     if args.command == "demo":
         return cmd_run(DEMO_RECIPE, args.overrides, args.workdir, not args.no_progress, title="demo")
+    if args.command == "data" and args.data_command == "contamination":
+        from posttrain.evals.cli import run_contamination_args
+
+        return run_contamination_args(args)
     if args.command == "data":
         return cmd_data_show(args)
+    if args.command == "eval":
+        from posttrain.evals.cli import run_eval_args
+
+        return run_eval_args(args)
     if args.command == "verify":
         from posttrain.rewards.verifiers.verify_cli import verify_file
 
@@ -128,13 +159,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(recipe_path: Path, overrides: list[str], workdir: Path | None, progress: bool, title: str = "") -> int:
+def cmd_run(recipe_path: Path, overrides: list[str], workdir: Path | None, progress: bool, title: str = "",
+            selection=None) -> int:
     from posttrain.pipeline.runner import run_recipe
 
     recipe = _load(recipe_path, overrides)
     workdir = workdir or recipe.default_workdir()
-    reports = run_recipe(recipe, workdir, show_progress=progress)
+    reports = run_recipe(recipe, workdir, show_progress=progress, selection=selection)
     _print_summary(reports, workdir, title or recipe.name)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from posttrain.pipeline.head import rollback
+    from posttrain.pipeline.inspect import lineage, print_lineage, print_status
+
+    if args.command == "status":
+        print_status(args.workdir)
+    elif args.command == "rollback":
+        head = rollback(args.workdir, args.stage)
+        print(f"head -> {head['stage']} {head['key']} ({head['artifact']})")
+    else:
+        tree = lineage(args.workdir, args.artifact)
+        print(json.dumps(tree, indent=2)) if args.json else print_lineage(tree)
     return 0
 
 
@@ -149,13 +198,21 @@ def _print_summary(reports, workdir: Path, title: str) -> None:
     table = Table(title=f"{title}: {workdir}")
     # Evaluation metrics, then the training loss; the rest is in each stage's metrics.jsonl.
     metric_names = sorted({k for r in reports for k in r.metrics if not k.endswith("_n")
-                           and not k.startswith("train_")}) + ["train_loss"]
-    for column in ["stage", "kind", "status", "key", *metric_names, "time"]:
+                           and not k.startswith("train_") and isinstance(r.metrics[k], int | float)})
+    metric_names += ["train_loss"] if any("train_loss" in r.metrics for r in reports) else []
+    for column in ["stage", "kind", "status", *metric_names, "gates", "time"]:
         table.add_column(column)
     for r in reports:
         values = [f"{r.metrics[m]:.4g}" if m in r.metrics else "" for m in metric_names]
-        table.add_row(r.name, r.kind, r.status, r.key[:10], *values, f"{r.seconds:.1f}s")
+        gates = " ".join("ok" if g["passed"] else "FAIL" for g in r.gates)
+        status = r.status if r.status != "ran" else "ran"
+        table.add_row(r.name, r.kind, status, *values, gates, f"{r.seconds:.1f}s")
     console().print(table)
+    from posttrain.pipeline.head import read_head
+
+    head = read_head(workdir)
+    if head:
+        console().print(f"head: {head['stage']} ({head['artifact']})")
     for r in reports:
         for alarm in r.alarms:
             console().print(f"[yellow]alarm[/] {r.name} step {alarm.get('step')}: {alarm.get('message')}")

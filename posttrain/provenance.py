@@ -15,7 +15,7 @@ from pathlib import Path
 
 import posttrain
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def code_version() -> str:

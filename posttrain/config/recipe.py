@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from posttrain.config.base import StrictModel, problems_from_validation
+from posttrain.config.gates import produced_by
 from posttrain.config.stages import STAGE_KINDS, StageConfig
 from posttrain.errors import Problem, ProblemCollector, UserError, problem
 
@@ -226,6 +227,13 @@ def check_structure(recipe: Recipe, found: ProblemCollector) -> None:
             elif parent in recipe.stages and recipe.stages[parent].produces != wanted:
                 found.add(f"stages.{name}.{where}", f"stage {parent!r} produces a "
                           f"{recipe.stages[parent].produces}, not a {wanted}", f"point it at a {wanted} stage")
+    for name, stage in recipe.stages.items():
+        parent = recipe.stages.get(stage.from_ or "")
+        for i, gate in enumerate(stage.gates()):
+            if gate.relative and parent is not None and not produced_by(gate.metric, [t.task for t in parent.eval]):
+                found.add(f"stages.{name}.gate.{i}", f"gate {gate.text!r} compares with parent {stage.from_!r}, "
+                          f"whose evals do not produce {gate.metric!r}",
+                          f"add the same eval task to stage {stage.from_!r}")
     for cycle in _cycles(recipe):
         found.add(f"stages.{cycle[0]}.from", "stages depend on each other in a cycle: "
                   + " -> ".join(cycle + [cycle[0]]), "break the cycle")

@@ -7,13 +7,22 @@ register their own config class (``STAGE_KINDS.add("my_kind", MyStage)``) togeth
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from posttrain.config.base import StrictModel
 from posttrain.config.components import DataConfig, EvalTaskConfig, ModelConfig
+from posttrain.config.gates import Gate, parse_gate, produced_by
 from posttrain.registry import Registry
+
+
+def _valid_gate(text: str) -> str:
+    parse_gate(text)
+    return text
+
+
+GateText = Annotated[str, AfterValidator(_valid_gate)]
 
 
 class StageConfig(StrictModel):
@@ -26,6 +35,12 @@ class StageConfig(StrictModel):
     from_: str | None = Field(None, alias="from", description="the stage whose model this one starts from")
     model: ModelConfig | None = Field(None, description="the starting model when there is no 'from'")
     eval: list[EvalTaskConfig] = Field(default_factory=list, description="evals run on the output model")
+    gate: list[GateText] = Field(
+        default_factory=list, description="eval thresholds the output must meet, e.g. 'demo_accuracy >= 0.4' or "
+        "'demo_accuracy >= parent - 0.02'; a failed gate stops the stage's descendants")
+
+    def gates(self) -> list[Gate]:
+        return [parse_gate(text) for text in self.gate]
 
     def references(self) -> list[tuple[str, str, str]]:
         """(YAML key, stage name, the artifact kind it must produce) for every stage named here:
@@ -36,6 +51,19 @@ class StageConfig(StrictModel):
     def dependencies(self) -> list[str]:
         """Stages whose artifacts this stage reads (built first; their keys are part of its key)."""
         return [name for _, name, _ in self.references()]
+
+    @model_validator(mode="after")
+    def _gates_on_produced_metrics(self) -> StageConfig:
+        tasks = [t.task for t in self.eval]
+        for gate in self.gates():
+            if not produced_by(gate.metric, tasks):
+                raise ValueError(f"gate {gate.text!r} is on metric {gate.metric!r}, which no eval of this stage "
+                                 f"produces (evals: {', '.join(tasks) or 'none'}); fix: add an eval task that "
+                                 "produces it, or gate on one of their metrics")
+            if gate.relative and not self.from_:
+                raise ValueError(f"gate {gate.text!r} compares with the parent, but the stage has no 'from'; "
+                                 "fix: use an absolute threshold")
+        return self
 
     @model_validator(mode="after")
     def _model_source(self) -> StageConfig:

@@ -8,7 +8,10 @@ Everything is generated deterministically from a seed; train and test problems a
 - ``demo.prompts``: questions with their answers, for sampling, RL and evaluation
   (``split: test`` gives the held-out problems);
 - ``builtin:demo``: a byte-level BPE tokenizer trained on the world's text;
-- ``check_answer``: the exact-match verifier (the last integer in the completion).
+- ``check_answer`` / the ``demo`` verifier: the whole worked solution must be exactly right (the
+  problem restated, every step, the result). Checking only the final number is exploitable: a
+  model that copies the operands wrong can still land on the right number by luck, and training on
+  such samples teaches it to copy wrong (see docs/log.md).
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from functools import lru_cache
 from typing import Any
 
 from posttrain.data.formats import BUILTIN_DATASETS
+from posttrain.errors import UserError
+from posttrain.errors import problem as make_problem
 from posttrain.models.load import BUILTIN_TOKENIZERS
 from posttrain.models.tiny import train_bpe_tokenizer
+from posttrain.types import RewardResult
 
 TEST_SHARE = 0.2
 LOW, HIGH = 10, 99
@@ -75,10 +81,25 @@ def question(a: int, op: str, b: int, rng: random.Random) -> str:
     return rng.choice(QUESTION_TEMPLATES).format(a=a, op=op, b=b)
 
 
-def check_answer(completion: str, answer: str | int) -> bool:
-    """Exact match of the last integer in the completion with the answer."""
+def check_answer(completion: str, answer: str | int, problem: str | None = None) -> bool:
+    """With ``problem`` ("47 + 85"): the completion is exactly its worked solution (whitespace
+    aside). Without: the last integer equals the answer (for text outside the demo world)."""
+    if problem is not None:
+        a, op, b = problem.split()
+        return " ".join(completion.split()) == worked(int(a), op, int(b), int(answer))
     found = _LAST_INT.findall(completion)
     return bool(found) and int(found[-1]) == int(answer)
+
+
+def verify_demo(completion: str, row: dict[str, Any]) -> RewardResult:
+    """The ``demo`` verifier: 1.0 for an exactly right worked solution of ``row['problem']``."""
+    if "problem" not in row or "answer" not in row:
+        raise UserError(make_problem("demo verifier", "rows need 'problem' and 'answer'",
+                                "use the demo.prompts dataset (or add the fields)"))
+    ok = check_answer(completion, row["answer"], row["problem"])
+    found = _LAST_INT.findall(completion)
+    return RewardResult(float(ok), {"correct": float(ok)},
+                        {"final_number_right": bool(found) and int(found[-1]) == int(row["answer"])})
 
 
 def _sample(split: str, n: int, seed: int) -> list[tuple[int, str, int, int]]:
@@ -114,8 +135,8 @@ def prompt_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     rng = random.Random(seed + 11)
     pool = problems(split)
     chosen = pool if "n" not in args else _sample(split, int(args["n"]), seed)
-    return [{"prompt": [{"role": "user", "content": question(a, op, b, rng)}], "answer": str(c)}
-            for a, op, b, c in chosen]
+    return [{"prompt": [{"role": "user", "content": question(a, op, b, rng)}], "answer": str(c),
+             "problem": f"{a} {op} {b}"} for a, op, b, c in chosen]
 
 
 def corrupt(a: int, op: str, b: int, answer: int, rng: random.Random) -> str:
@@ -173,3 +194,8 @@ BUILTIN_DATASETS.add("demo.prompts", prompt_rows)
 BUILTIN_DATASETS.add("demo.pairs", pair_rows)
 BUILTIN_DATASETS.add("demo.kto", kto_rows)
 BUILTIN_TOKENIZERS["demo"] = demo_tokenizer
+
+
+def register(registry) -> None:
+    """Verifier plugin hook (listed in ``posttrain.rewards.verifiers.PLUGIN_MODULES``)."""
+    registry.add("demo", verify_demo)

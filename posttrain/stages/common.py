@@ -18,6 +18,7 @@ from posttrain.data.formats import Dataset, load_dataset
 from posttrain.errors import UserError, problem
 from posttrain.evals.base import EvalContext, run_evals
 from posttrain.loops.distributed import DistInfo
+from posttrain.loops.state import crash_point
 from posttrain.models.load import (
     apply_lora,
     chat_template_text,
@@ -175,6 +176,7 @@ def finish_model_stage(ctx: StageContext, model: PreTrainedModel, tokenizer: Pre
     lora = ctx.config.model.lora if ctx.config.model is not None else None
     if ctx.dist.is_main:
         save_model(model, tokenizer, ctx.out_dir, merge_lora=bool(lora and lora.merge_on_save))
+    crash_point("model.saved")
     return evaluate(ctx, model, tokenizer)
 
 
@@ -182,7 +184,8 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
     if not ctx.config.eval or not ctx.dist.is_main:
         return {}
     eval_ctx = EvalContext(model=model, tokenizer=tokenizer, base_dir=ctx.recipe.base_dir,
-                           show_progress=ctx.show_progress, seed=ctx.seed)
+                           show_progress=ctx.show_progress, seed=ctx.seed,
+                           parent=ctx.parents.get(ctx.config.from_ or ""))
     metrics: dict[str, float] = {}
     folder = ctx.out_dir / "eval"
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.config.stages.data import GenerateStage, ScoreStage, SelectStage
+from posttrain.config.stages.data import FilterStage, GenerateStage, MixStage, ScoreStage, SelectStage
+from posttrain.data.contamination import ScanSettings, normalize, row_from_dict, scan
 from posttrain.data.formats import DATASET_FILE, read_rows
 from posttrain.data.render import render_prompt
 from posttrain.errors import UserError, problem
+from posttrain.loops.state import crash_point
 from posttrain.rewards.base import Scorer, build_scorer, combine
 from posttrain.rollout.hf import HFSampler, SamplingParams
 from posttrain.stages.common import StageContext, StageOutput, stage_tokenizer, starting_model
@@ -31,6 +35,7 @@ def write_rows(folder: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    crash_point("data.before_rename")
     os.replace(tmp, folder / DATASET_FILE)
 
 
@@ -220,3 +225,95 @@ def _pairs(scored: list[dict[str, Any]], cfg: SelectStage, counts: dict[str, int
             out.append({**_base(chosen), "chosen": chosen["completion"], "rejected": rejected["completion"],
                         "margin": margin, "chosen_score": chosen["score"], "rejected_score": rejected["score"]})
     return out
+
+
+# ------------------------------------------------------------------ filter
+
+
+class FilterRunner:
+    def prepare(self, ctx: StageContext) -> list[tuple[dict[str, Any], RowSource]]:
+        return _rows(ctx)
+
+    def describe(self, ctx: StageContext, prepared: list) -> dict[str, Any]:
+        return {"rows": len(prepared), "dedup": ctx.config.dedup}
+
+    def run(self, ctx: StageContext, prepared: list[tuple[dict[str, Any], RowSource]]) -> StageOutput:
+        cfg: FilterStage = ctx.config
+        texts = [row_from_dict(row, src) for row, src in prepared]
+        reasons = [_row_reason(cfg, t.text) for t in texts]
+        _mark_duplicates(cfg, texts, reasons)
+        kept = [_stamp(row, "filter", {"stage": ctx.name}) for (row, _), r in zip(prepared, reasons) if r is None]
+        counts: dict[str, int] = defaultdict(int)
+        for r in reasons:
+            if r is not None:
+                counts[r] += 1
+        if not kept:
+            raise UserError(problem(ctx.where, f"the filter dropped every row ({dict(counts)})", "loosen it"))
+        if ctx.dist.is_main:
+            write_rows(ctx.out_dir, kept)
+        return StageOutput({"rows": float(len(kept)), "dropped": float(len(prepared) - len(kept))},
+                           info={"dropped": dict(counts)})
+
+
+def _row_reason(cfg: FilterStage, text: str) -> str | None:
+    if cfg.min_chars is not None and len(text) < cfg.min_chars:
+        return "too_short"
+    if cfg.max_chars is not None and len(text) > cfg.max_chars:
+        return "too_long"
+    if cfg.keep_regex is not None and not re.search(cfg.keep_regex, text):
+        return "keep_regex_missed"
+    if cfg.drop_regex is not None and re.search(cfg.drop_regex, text):
+        return "drop_regex_matched"
+    return None
+
+
+def _mark_duplicates(cfg: FilterStage, texts: list, reasons: list[str | None]) -> None:
+    """The first of each group of duplicates is kept; later copies are marked."""
+    if cfg.dedup == "none":
+        return
+    seen: set[str] = set()
+    for i, t in enumerate(texts):
+        key = " ".join(normalize(t.text))
+        if key in seen and reasons[i] is None:
+            reasons[i] = "exact_duplicate"
+        seen.add(key)
+    if cfg.dedup == "near":
+        position = {t.source: i for i, t in enumerate(texts)}
+        # Near duplicates of the prompts; n-gram overlap is disabled (huge n).
+        settings = ScanSettings(ngram=10**6, near_threshold=cfg.near_threshold, min_tokens=10**6)
+        for overlap in scan(texts, {"self": texts}, settings).overlaps:
+            later, earlier = position[overlap.train], position[overlap.eval]
+            if earlier < later and reasons[later] is None and reasons[earlier] is None:
+                reasons[later] = "near_duplicate"
+
+
+# ------------------------------------------------------------------ mix
+
+
+class MixRunner:
+    def prepare(self, ctx: StageContext) -> list[list[tuple[dict[str, Any], RowSource]]]:
+        cfg: MixStage = ctx.config
+        return [read_rows(s.data, where=f"{ctx.where}.sources.{i}.data", base_dir=ctx.recipe.base_dir,
+                          artifacts=ctx.parents)[0] for i, s in enumerate(cfg.sources)]
+
+    def describe(self, ctx: StageContext, prepared: list) -> dict[str, Any]:
+        return {"source_rows": [len(p) for p in prepared], "size": ctx.config.size}
+
+    def run(self, ctx: StageContext, prepared: list[list[tuple[dict[str, Any], RowSource]]]) -> StageOutput:
+        cfg: MixStage = ctx.config
+        size = cfg.size or sum(len(p) for p in prepared)
+        total = sum(s.weight for s in cfg.sources)
+        counts = [round(size * s.weight / total) for s in cfg.sources]
+        counts[0] += size - sum(counts)  # rounding goes to the first source
+        rng = random.Random(cfg.seed if cfg.seed is not None else ctx.seed)
+        out, repeated = [], {}
+        for i, (rows, n) in enumerate(zip(prepared, counts)):
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            picks = [order[j % len(order)] for j in range(n)]
+            repeated[i] = max(0, n - len(rows))
+            out += [_stamp(rows[j][0], "mix", {"stage": ctx.name, "source": i, "from": str(rows[j][1])}) for j in picks]
+        rng.shuffle(out)
+        if ctx.dist.is_main:
+            write_rows(ctx.out_dir, out)
+        return StageOutput({"rows": float(len(out))}, info={"per_source": counts, "repeated_rows": repeated})

@@ -5,6 +5,7 @@ from posttrain.config.stage_base import STAGE_KINDS, StageConfig
 from posttrain.config.stages.data import GenerateStage, ScoreStage, SelectStage
 from posttrain.config.stages.lm import PretrainStage, SFTStage
 from posttrain.config.stages.preference import KTOStage, PreferenceStage
+from posttrain.config.stages.reward import PRMLabelStage, PRMStage, RewardModelStage  # noqa: F401
 from posttrain.config.stages.rl import GRPOStage
 
 __all__ = ["STAGE_KINDS", "GRPOStage", "GenerateStage", "KTOStage", "PreferenceStage", "PretrainStage", "SFTStage",

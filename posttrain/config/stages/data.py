@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -82,6 +83,50 @@ class SelectStage(DataStage):
         return self
 
 
+class FilterStage(DataStage):
+    """Drops duplicate, too short / too long or unwanted rows (counts each reason)."""
+
+    kind: Literal["filter"]
+    data: DataConfig
+    dedup: Literal["none", "exact", "near"] = Field("exact", description="exact: same normalised text; near: "
+                                                    "also prompts whose word-shingle Jaccard >= near_threshold")
+    near_threshold: float = Field(0.8, gt=0, le=1)
+    min_chars: int | None = Field(None, ge=0, description="drop rows whose text is shorter")
+    max_chars: int | None = Field(None, gt=0, description="drop rows whose text is longer")
+    keep_regex: str | None = Field(None, description="keep only rows whose text matches (re.search)")
+    drop_regex: str | None = Field(None, description="drop rows whose text matches (re.search)")
+
+    @model_validator(mode="after")
+    def _checks(self) -> FilterStage:
+        if self.dedup != "near" and self.explicitly_set("near_threshold"):
+            raise ValueError("'near_threshold' has no effect without dedup: near; fix: remove it or set dedup: near")
+        for key in ("keep_regex", "drop_regex"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{key} {pattern!r} is not a valid regex ({err}); fix: correct the pattern") from err
+        return self
+
+
+class MixSource(StrictModel):
+    data: DataConfig
+    weight: float = Field(1.0, gt=0, description="relative share of the output")
+
+
+class MixStage(DataStage):
+    """A weighted mixture of datasets, e.g. new data plus a replayed fraction of an earlier stage's.
+    A source sampled beyond its size repeats rows (counted in the stage's info)."""
+
+    kind: Literal["mix"]
+    sources: list[MixSource] = Field(min_length=1)
+    size: int | None = Field(None, gt=0, description="rows in the output (default: all rows of every source)")
+    seed: int | None = Field(None, description="default: the recipe's seed")
+
+
 STAGE_KINDS.add("generate", GenerateStage)
 STAGE_KINDS.add("score", ScoreStage)
 STAGE_KINDS.add("select", SelectStage)
+STAGE_KINDS.add("filter", FilterStage)
+STAGE_KINDS.add("mix", MixStage)

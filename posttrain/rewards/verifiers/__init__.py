@@ -64,6 +64,7 @@ VERIFIERS.add("overlong", overlong_penalty_row, aliases=("overlong_penalty", "da
 PLUGIN_MODULES: tuple[str, ...] = (
     "posttrain.rewards.verifiers.code",
     "posttrain.rewards.verifiers.ifeval",
+    "posttrain.demo.world",  # the demo world's exact worked-solution check ("demo")
 )
 
 _plugins_lock = threading.Lock()
