@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config.components import DataConfig
+from posttrain.data.hh_rlhf import is_dialogue, to_messages
 from posttrain.errors import UserError, problem
 from posttrain.registry import Registry
 from posttrain.types import (
@@ -82,10 +83,18 @@ def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None, e
         raise UserError(problem(f"{where}.format", f"{label} holds {fmt!r} rows, this stage needs "
                                 f"{' or '.join(expect)}", "use a dataset in the right format, or set "
                                 "data.fields to rename columns"))
-    examples, problems = [], []
+    examples, problems, formats = [], [], set()
     for row, source in rows:
         try:
-            examples.append(to_example(_rename(row, cfg.fields), fmt, source))
+            row = _rename(row, cfg.fields)
+            # With format: auto each row is read by its own fields, so a mixture of formats the
+            # stage accepts (say messages and prompt/completion) is fine.
+            row_fmt = cfg.format if cfg.format != "auto" else detect_format(row, source, where)
+            if expect and row_fmt not in expect:
+                raise UserError(problem(str(source), f"a {row_fmt!r} row; this stage reads "
+                                        f"{' or '.join(expect)} rows", "fix or remove the row"))
+            examples.append(to_example(row, row_fmt, source))
+            formats.add(row_fmt)
         except UserError as err:
             if cfg.on_bad_row == "drop":
                 report.drop(err.problems[0].message.split(":")[0])
@@ -98,7 +107,7 @@ def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None, e
     if not examples:
         raise UserError(problem(label, "every row was dropped as malformed", "fix the data"))
     report.rows_kept = len(examples)
-    return Dataset(examples, fmt, report, fingerprint)
+    return Dataset(examples, fmt if len(formats) <= 1 else "mixed", report, fingerprint)
 
 
 def read_rows(cfg: DataConfig, *, where: str, base_dir: Path | None = None,
@@ -345,8 +354,14 @@ def to_example(row: dict[str, Any], fmt: str, source: RowSource) -> Example:
 def _preference(row: dict[str, Any], get: _FieldReader, source: RowSource) -> PreferencePair:
     # Empty responses are the preference stage's call (on_bad_pair: error or drop and count).
     chosen, rejected = get.text("chosen", allow_empty=True), get.text("rejected", allow_empty=True)
+    if "prompt" not in row and is_dialogue(chosen) and is_dialogue(rejected):
+        # HH-RLHF: each side is one dialogue string; its turns make the conversations below.
+        chosen, rejected = to_messages(chosen, source, "chosen"), to_messages(rejected, source, "rejected")
     if "prompt" in row:
         prompt = get.text("prompt", allow_empty=True)
+    elif "conversations" in row:
+        # LLaMA-Factory / ShareGPT pairs: the conversation so far is the prompt.
+        prompt = get.messages("conversations")
     elif isinstance(chosen, list) and isinstance(rejected, list):
         # Implicit prompt: the shared leading turns of the two conversations.
         shared = 0
@@ -363,7 +378,7 @@ def _preference(row: dict[str, Any], get: _FieldReader, source: RowSource) -> Pr
         raise UserError(problem(str(source), "the row mixes plain text and conversational fields (a plain "
                                 "prompt with conversational responses)",
                                 "make the prompt a message list too, or the responses strings"))
-    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "conversations", "chosen", "rejected")}
     return PreferencePair(prompt, chosen, rejected, source, extra)
 
 
@@ -415,7 +430,7 @@ class _FieldReader:
         value = self._need(name) if value is None else value
         if isinstance(value, list):
             return self.messages(name, value)
-        if isinstance(value, dict) and "content" in value:
+        if isinstance(value, dict) and ("content" in value or {"from", "value"} <= set(value)):
             return self.messages(name, [value])
         if not isinstance(value, str):
             raise UserError(problem(self._where(name), f"must be a string or a list of messages, got "

@@ -209,12 +209,10 @@ def run_offline(job: OfflineJob) -> TrainResult:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, resolved.warmup_steps, resolved.total_steps)
     plan = StepPlan(job.lengths, cfg, resolved)
-    start, resumed_from = _resume(job, optimizer, scheduler)
+    start, resumed_from, tokens_before, last, alarms = _resume(job, optimizer, scheduler)
     metrics = Metrics(job.out_dir, job.name) if info.is_main else None
     progress = StepProgress(job.name, resolved.total_steps, start=start, enabled=info.is_main and job.show_progress)
-    alarms: list[dict[str, Any]] = []
-    bad_in_row, tokens_total, began = 0, 0, time.monotonic()
-    last: dict[str, float] = {}
+    bad_in_row, tokens_total, began = 0, tokens_before, time.monotonic()
     try:
         for step in range(start, resolved.total_steps):
             t0 = time.monotonic()
@@ -246,8 +244,8 @@ def run_offline(job: OfflineJob) -> TrainResult:
                 metrics.log(step + 1, last)
             progress.update(1, loss=last.get("loss", float("nan")), tok_s=int(last["tokens_per_s"]))
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < resolved.total_steps:
-                _checkpoint(job, step + 1, optimizer, scheduler)
-        _checkpoint(job, resolved.total_steps, optimizer, scheduler)
+                _checkpoint(job, step + 1, optimizer, scheduler, tokens_total, last, alarms)
+        _checkpoint(job, resolved.total_steps, optimizer, scheduler, tokens_total, last, alarms)
     finally:
         progress.close()
         if metrics:
@@ -304,19 +302,23 @@ def _alarm(step: int, name: str, message: str) -> dict[str, Any]:
     return {"step": step + 1, "name": name, "message": message}
 
 
-def _checkpoint(job: OfflineJob, step: int, optimizer, scheduler) -> None:
+def _checkpoint(job: OfflineJob, step: int, optimizer, scheduler, tokens: int, last: dict[str, float],
+                alarms: list[dict[str, Any]]) -> None:
     if job.dist.is_main:
         payload = {"model": trainable_state(job.model), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "loop": {"step": step}}
+                   "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                   "loop": {"step": step, "tokens": tokens, "last": last, "alarms": alarms}}
         save_checkpoint(job.out_dir / "checkpoints", step, payload, job.train.keep_checkpoints)
     barrier(job.dist)
     crash_point("checkpoint.saved")
 
 
-def _resume(job: OfflineJob, optimizer, scheduler) -> tuple[int, int | None]:
+def _resume(job: OfflineJob, optimizer, scheduler):
+    """(first step to run, the step resumed from or None, tokens trained before it, the last
+    step's metrics, the alarms so far)."""
     path = latest_checkpoint(job.out_dir / "checkpoints")
     if path is None:
-        return 0, None
+        return 0, None, 0, {}, []
     state = load_checkpoint(path)
     missing = set(trainable_state(job.model)) - set(state["model"])
     if missing:
@@ -329,4 +331,5 @@ def _resume(job: OfflineJob, optimizer, scheduler) -> tuple[int, int | None]:
     step = int(state["loop"]["step"])
     if job.dist.is_main:
         truncate_metrics(job.out_dir / "metrics.jsonl", step)
-    return step, step
+    loop = state["loop"]
+    return step, step, int(loop.get("tokens", 0)), dict(loop.get("last", {})), list(loop.get("alarms", []))

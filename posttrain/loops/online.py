@@ -399,12 +399,10 @@ def run_online(job: OnlineJob, health) -> TrainResult:
     controller = (AdaptiveKLController(algo.kl_beta, algo.kl_target) if algo.kl_target
                   else FixedKLController(algo.kl_beta))
     plan = PromptPlan(len(job.prompts), cfg.prompts_per_step, job.seed, cfg.shuffle)
-    start = _resume(job, optimizer, scheduler, controller, health)
+    start, tokens, last, alarms = _resume(job, optimizer, scheduler, controller, health)
     metrics_sink = Metrics(job.out_dir, job.name) if info.is_main else None
     progress = StepProgress(job.name, cfg.max_steps, start=start, enabled=info.is_main and job.show_progress)
-    alarms: list[dict[str, Any]] = []
-    last: dict[str, float] = {}
-    began, tokens = time.monotonic(), 0
+    began = time.monotonic()
     try:
         for step in range(start, cfg.max_steps):
             t0 = time.monotonic()
@@ -430,8 +428,8 @@ def run_online(job: OnlineJob, health) -> TrainResult:
                 metrics_sink.log(step + 1, last)
             progress.update(1, reward=last["reward_mean"], len=round(last["completion_length"], 1))
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                _checkpoint(job, step + 1, optimizer, scheduler, controller, health)
-        _checkpoint(job, cfg.max_steps, optimizer, scheduler, controller, health)
+                _checkpoint(job, step + 1, optimizer, scheduler, controller, health, tokens, last, alarms)
+        _checkpoint(job, cfg.max_steps, optimizer, scheduler, controller, health, tokens, last, alarms)
     finally:
         progress.close()
         if metrics_sink:
@@ -439,20 +437,23 @@ def run_online(job: OnlineJob, health) -> TrainResult:
     return TrainResult(cfg.max_steps, last, time.monotonic() - began, tokens, alarms, start or None)
 
 
-def _checkpoint(job: OnlineJob, step: int, optimizer, scheduler, controller, health) -> None:
+def _checkpoint(job: OnlineJob, step: int, optimizer, scheduler, controller, health, tokens: int,
+                last: dict[str, float], alarms: list[dict[str, Any]]) -> None:
     if job.dist.is_main:
         payload = {"model": trainable_state(job.model), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                   "loop": {"step": step, "kl": controller.state_dict(), "health": health.state_dict()}}
+                   "loop": {"step": step, "tokens": tokens, "last": last, "alarms": alarms,
+                            "kl": controller.state_dict(), "health": health.state_dict()}}
         save_checkpoint(job.out_dir / "checkpoints", step, payload, job.train.keep_checkpoints)
     barrier(job.dist)
     crash_point("checkpoint.saved")
 
 
-def _resume(job: OnlineJob, optimizer, scheduler, controller, health) -> int:
+def _resume(job: OnlineJob, optimizer, scheduler, controller, health):
+    """(first step to run, tokens trained before it, the last step's metrics, alarms so far)."""
     path = latest_checkpoint(job.out_dir / "checkpoints")
     if path is None:
-        return 0
+        return 0, 0, {}, []
     state = load_checkpoint(path)
     job.model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
@@ -463,4 +464,5 @@ def _resume(job: OnlineJob, optimizer, scheduler, controller, health) -> int:
     step = int(state["loop"]["step"])
     if job.dist.is_main:
         truncate_metrics(job.out_dir / "metrics.jsonl", step)
-    return step
+    loop = state["loop"]
+    return step, int(loop.get("tokens", 0)), dict(loop.get("last", {})), list(loop.get("alarms", []))
