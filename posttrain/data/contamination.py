@@ -1,7 +1,7 @@
 """Contamination scan: training rows that overlap evaluation rows.
 
-Text is normalised first (`normalize`: Unicode NFKC, lowercase, punctuation replaced by spaces,
-whitespace collapsed) and split into words. A training row and an eval row overlap when any of
+Text is normalised first (`normalize`: Unicode NFKC, lowercase, punctuation and whitespace
+dropped, arithmetic symbols kept) and split into words. A training row and an eval row overlap when any of
 these holds:
 
 - exact: their prompts are equal after normalisation;
@@ -52,7 +52,7 @@ from posttrain.types import (
 
 Policy = Literal["report", "fail", "drop"]
 POLICIES: tuple[str, ...] = ("report", "fail", "drop")
-_NON_WORD = re.compile(r"[\W_]+")
+_TOKEN = re.compile(r"[^\W_]+|[+\-*/=<>^%]")
 
 # Raw-row fields, in order of preference, that hold a prompt, and fields that hold the rest.
 PROMPT_FIELDS = ("prompt", "question", "problem", "instruction", "query", "input", "text")
@@ -85,8 +85,9 @@ class TextRow:
 
 
 def normalize(text: str) -> list[str]:
-    """Words of ``text`` after NFKC, lowercasing and removing punctuation."""
-    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).split()
+    """Words of ``text`` after NFKC and lowercasing, without punctuation; arithmetic symbols are
+    kept as words of their own ("62 - 41" and "62 + 41" are different questions)."""
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def _flatten(value: Text | Any) -> str:

@@ -87,12 +87,7 @@ def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None, e
     for row, source in rows:
         try:
             row = _rename(row, cfg.fields)
-            # With format: auto each row is read by its own fields, so a mixture of formats the
-            # stage accepts (say messages and prompt/completion) is fine.
-            row_fmt = cfg.format if cfg.format != "auto" else detect_format(row, source, where)
-            if expect and row_fmt not in expect:
-                raise UserError(problem(str(source), f"a {row_fmt!r} row; this stage reads "
-                                        f"{' or '.join(expect)} rows", "fix or remove the row"))
+            row_fmt = _row_format(row, source, fmt, cfg, expect, where)
             examples.append(to_example(row, row_fmt, source))
             formats.add(row_fmt)
         except UserError as err:
@@ -108,6 +103,21 @@ def load_dataset(cfg: DataConfig, *, where: str, base_dir: Path | None = None, e
         raise UserError(problem(label, "every row was dropped as malformed", "fix the data"))
     report.rows_kept = len(examples)
     return Dataset(examples, fmt if len(formats) <= 1 else "mixed", report, fingerprint)
+
+
+def _row_format(row: dict[str, Any], source: RowSource, first: str, cfg: DataConfig, expect: tuple[str, ...],
+                where: str) -> str:
+    """Rows are read in the first row's format, except that with ``format: auto`` a row in
+    another format the stage also accepts (messages among prompt/completion rows, say) is read in
+    its own. A row that looks like nothing the stage accepts is read in the first row's format,
+    so its error says which field is missing."""
+    if cfg.format != "auto" or len(expect) < 2:
+        return first
+    try:
+        detected = detect_format(row, source, where)
+    except UserError:
+        return first
+    return detected if detected in expect else first
 
 
 def read_rows(cfg: DataConfig, *, where: str, base_dir: Path | None = None,
