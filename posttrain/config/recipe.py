@@ -11,7 +11,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -42,6 +42,9 @@ class RecipeHead(StrictModel):
     workdir: str | None = Field(None, description="where artifacts go (relative to the current directory)")
     seed: int = Field(0, description="default seed of every stage")
     description: str = ""
+    on_contamination: Literal["report", "fail", "drop"] = Field(
+        "report", description="training rows that overlap an eval set of the recipe: list them in the stage's "
+        "info and alarms, stop, or drop them")
     stages: dict[str, dict[str, Any]] = Field(description="stage name -> stage config (kind: ...)")
 
 
@@ -57,6 +60,18 @@ class Recipe:
     description: str = ""
     overrides: list[str] = field(default_factory=list)
     stage_names: list[str] = field(default_factory=list)  # every stage in the file, valid or not
+    on_contamination: str = "report"
+
+    def eval_tasks(self) -> list:
+        """Every eval task of the recipe (the contamination scan checks training data against them)."""
+        seen, out = set(), []
+        for stage in self.stages.values():
+            for task in stage.eval:
+                key = task.model_dump_json()
+                if key not in seen:
+                    seen.add(key)
+                    out.append(task)
+        return out
 
     @property
     def base_dir(self) -> Path:
@@ -75,6 +90,7 @@ class Recipe:
         return {
             "name": self.name,
             "seed": self.seed,
+            "on_contamination": self.on_contamination,
             "stages": {n: s.model_dump(by_alias=True, mode="json") for n, s in self.stages.items()},
         }
 
@@ -187,7 +203,8 @@ def _validate(data: dict[str, Any], found: ProblemCollector) -> Recipe:
         found.add("stages", "the recipe has no stages", "add at least one stage")
     return Recipe(name=head.name if head else "?", seed=head.seed if head else 0, stages=stages,
                   workdir=head.workdir if head else None, description=head.description if head else "",
-                  stage_names=[str(n) for n in stages_raw])
+                  stage_names=[str(n) for n in stages_raw],
+                  on_contamination=head.on_contamination if head else "report")
 
 
 def _validate_stage(name: str, raw: Any, found: ProblemCollector) -> StageConfig | None:

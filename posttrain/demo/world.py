@@ -168,6 +168,57 @@ def kto_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+STEP_SEPARATOR = ". "  # a worked solution's steps: units (after the restated problem), tens, result
+
+
+def corrupt_step(a: int, op: str, b: int, answer: int, step: int, rng: random.Random) -> str:
+    """The worked solution with step ``step`` wrong (0 units, 1 tens, 2 result) and the error
+    carried forward: every later step is right *given* the earlier ones, so the result is wrong
+    and the first wrong step is exactly ``step`` (process reward models must find it).
+
+    "47 + 85", step 0 -> "47 + 85: 7 + 5 = 13. 4 + 8 + 1 = 13. 47 + 85 = 133."
+    """
+    a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+    if op == "+":
+        units = a0 + b0 + (rng.choice([-1, 1]) if step == 0 else 0)
+        units = units if units >= 0 else 1
+        carry = units // 10
+        tens = a1 + b1 + carry + (rng.choice([-1, 1]) if step == 1 else 0)
+        steps = [f"{a0} + {b0} = {units}", f"{a1} + {b1} + {carry} = {tens}"]
+    else:
+        borrow = int(a0 < b0)
+        top = a0 + 10 * borrow
+        units = top - b0
+        if step == 0:
+            units = units + 1 if units < 9 else units - 1
+        tens = a1 - b1 - borrow
+        if step == 1:
+            tens = tens + 1 if tens == 0 else tens + rng.choice([-1, 1])
+        steps = [f"{top} - {b0} = {units}", f"{a1} - {b1} - {borrow} = {tens}"]
+    result = tens * 10 + units % 10
+    if step == 2:
+        result = answer + rng.choice([-10, -2, -1, 1, 2, 10])
+        result = result if result >= 0 else answer + 1
+    return f"{a} {op} {b}: " + STEP_SEPARATOR.join([*steps, equation(a, op, b, result)]) + "."
+
+
+def prm_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Worked solutions for process reward models: ``corrupt_share`` of them (default half) have
+    one wrong step, uniformly units / tens / result, carried forward. Fields: prompt, completion,
+    answer, problem, and ``first_wrong_step`` (0-based index of the step split at ". "; None when
+    the solution is right)."""
+    n, seed = int(args.get("n", 500)), int(args.get("seed", 4))
+    share = float(args.get("corrupt_share", 0.5))
+    rng = random.Random(seed + 17)
+    rows = []
+    for a, op, b, c in _sample(split, n, seed):
+        wrong = rng.randrange(3) if rng.random() < share else None
+        completion = worked(a, op, b, c) if wrong is None else corrupt_step(a, op, b, c, wrong, rng)
+        rows.append({"prompt": [{"role": "user", "content": question(a, op, b, rng)}], "completion": completion,
+                     "answer": str(c), "problem": f"{a} {op} {b}", "first_wrong_step": wrong})
+    return rows
+
+
 def corpus() -> list[str]:
     """Text the builtin tokenizer is trained on: equations and every question template."""
     rng = random.Random(0)
@@ -193,6 +244,7 @@ BUILTIN_DATASETS.add("demo.sft", sft_rows)
 BUILTIN_DATASETS.add("demo.prompts", prompt_rows)
 BUILTIN_DATASETS.add("demo.pairs", pair_rows)
 BUILTIN_DATASETS.add("demo.kto", kto_rows)
+BUILTIN_DATASETS.add("demo.prm", prm_rows)
 BUILTIN_TOKENIZERS["demo"] = demo_tokenizer
 
 

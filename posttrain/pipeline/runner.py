@@ -239,6 +239,7 @@ def _run_stage(recipe: Recipe, name: str, artifact: Artifact, runner: StageRunne
                                     "error": f"{type(err).__name__}: {err}"[:2000]})
         raise
     seconds = time.monotonic() - began
+    _record_contamination(ready, output)
     verdicts = _gate_verdicts(recipe, name, output.metrics, ctx)
     if info.is_main:
         crash_point("manifest.before_write")
@@ -251,6 +252,19 @@ def _run_stage(recipe: Recipe, name: str, artifact: Artifact, runner: StageRunne
     barrier(info)
     return StageReport(name, stage.kind, artifact.key, "ran", output.metrics, seconds, artifact.folder,
                        output.alarms, verdicts)
+
+
+def _record_contamination(ready: Any, output) -> None:
+    """The stage's contamination scan (done in prepare) goes to its info, and to its alarms when
+    training rows overlap an eval set."""
+    summary = getattr(ready, "contamination", None)
+    if not summary:
+        return
+    output.info["contamination"] = summary
+    if summary["overlapping_rows"]:
+        output.alarms.append({"step": 0, "name": "contamination", "message": (
+            f"{summary['overlapping_rows']} training rows overlap the recipe's eval sets "
+            f"({summary['pairs']} pairs, policy {summary['policy']}); e.g. {summary['examples'][:2]}")})
 
 
 def _gate_verdicts(recipe: Recipe, name: str, metrics: dict[str, float], ctx: StageContext) -> list[dict]:

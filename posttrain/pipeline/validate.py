@@ -8,8 +8,8 @@ import os
 from posttrain.config.components import DataConfig
 from posttrain.config.recipe import Recipe
 from posttrain.config.stage_base import datasets_in
-from posttrain.errors import Problem, UserError, problem
-from posttrain.evals.base import get_task
+from posttrain.errors import Problem, problem
+from posttrain.evals.base import check_eval_tasks
 from posttrain.models.load import check_model_source
 from posttrain.stages import STAGE_RUNNERS
 
@@ -25,11 +25,7 @@ def check_inputs(recipe: Recipe) -> list[Problem]:
         runner = STAGE_RUNNERS.get(stage.kind, where=f"{where}.kind")()
         if hasattr(runner, "check"):
             problems.extend(runner.check(stage, where))
-        for i, task in enumerate(stage.eval):
-            try:
-                get_task(task.task, f"{where}.eval.{i}.task")
-            except UserError as err:
-                problems.extend(err.problems)
+        problems.extend(check_eval_tasks(stage.eval, f"{where}.eval"))
     return problems
 
 

@@ -159,6 +159,21 @@ def stage_model(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> PreTra
     return model
 
 
+def contamination_guard(ctx: StageContext, examples: list, key: str = "data") -> tuple[list, dict[str, Any]]:
+    """Scan a training stage's examples against every eval set of the recipe (before training);
+    report, fail or drop per the recipe's ``on_contamination``. Returns (examples, summary)."""
+    tasks = ctx.recipe.eval_tasks()
+    if not tasks:
+        return examples, {}
+    from posttrain.evals.contamination import guard_training_data
+
+    kept, report = guard_training_data(examples, tasks, on_contamination=ctx.recipe.on_contamination,
+                                       base_dir=ctx.recipe.base_dir, where=f"{ctx.where}.{key}")
+    return kept, {"overlapping_rows": len(report.contaminated_train()), "pairs": len(report.overlaps),
+                  "dropped": len(examples) - len(kept), "policy": ctx.recipe.on_contamination,
+                  "skipped": list(report.skipped), "examples": [o.describe() for o in report.overlaps[:10]]}
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute layer activations in backward (transformers 5 renamed the method)."""
     kwargs = {"use_reentrant": False}
@@ -189,7 +204,7 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
     metrics: dict[str, float] = {}
     folder = ctx.out_dir / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    for task, result in run_evals(eval_ctx, ctx.config.eval):
+    for task, result in run_evals(eval_ctx, ctx.config.eval, where=f"{ctx.where}.eval"):
         metrics.update(result.metrics)
         with open(folder / f"{task}.jsonl", "w", encoding="utf-8") as f:
             for record in result.records:

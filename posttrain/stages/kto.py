@@ -27,6 +27,7 @@ from posttrain.models.forward import sequence_logprobs
 from posttrain.stages.common import (
     StageContext,
     StageOutput,
+    contamination_guard,
     finish_model_stage,
     stage_model,
     stage_tokenizer,
@@ -70,6 +71,7 @@ class PreparedKTO:
     rows: list[KTORow]
     resolved: ResolvedTrain
     desirable_share: float
+    contamination: dict[str, Any]
 
 
 def _render(tokenizer, examples: list[KTOExample], max_length: int, on_overlong: str) -> list[KTORow]:
@@ -100,9 +102,11 @@ class KTORunner:
         if len(data.examples) < 2:
             raise UserError(f"{ctx.where}.data: KTO needs at least 2 rows (z0 pairs each prompt with another "
                             "row's completion)")
-        rows = _render(tokenizer, data.examples, cfg.train.max_length, cfg.train.on_overlong)
+        examples, contamination = contamination_guard(ctx, data.examples)
+        rows = _render(tokenizer, examples, cfg.train.max_length, cfg.train.on_overlong)
         share = sum(r.label for r in rows) / len(rows)
-        return PreparedKTO(tokenizer, rows, resolve_train(cfg.train, len(rows), ctx.dist.world_size, ctx.seed), share)
+        resolved = resolve_train(cfg.train, len(rows), ctx.dist.world_size, ctx.seed)
+        return PreparedKTO(tokenizer, rows, resolved, share, contamination)
 
     def describe(self, ctx: StageContext, prepared: PreparedKTO) -> dict[str, Any]:
         return {"rows": len(prepared.rows), "desirable_share": prepared.desirable_share, **prepared.resolved.as_dict()}

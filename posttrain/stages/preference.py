@@ -31,6 +31,7 @@ from posttrain.monitoring.diagnostics import LengthBiasAlarm, MarginCollapseAlar
 from posttrain.stages.common import (
     StageContext,
     StageOutput,
+    contamination_guard,
     finish_model_stage,
     stage_model,
     stage_tokenizer,
@@ -68,6 +69,7 @@ class PreparedPreference:
     resolved: ResolvedTrain
     specs: list[tuple[str, float, dict[str, object]]]
     needs_reference: bool
+    contamination: dict[str, Any]
 
 
 def expand_rankings(examples: list[Any], mode: str) -> list[PreferencePair]:
@@ -91,15 +93,17 @@ class PreferenceRunner:
             raise UserError(problems)
         tokenizer = stage_tokenizer(ctx)
         data = ctx.load_data(cfg.data, expect=PAIR_FORMATS)
+        examples, contamination = contamination_guard(ctx, data.examples)
         pairs, report = render_pairs(
-            tokenizer, expand_rankings(data.examples, cfg.rankings), max_length=cfg.train.max_length,
+            tokenizer, expand_rankings(examples, cfg.rankings), max_length=cfg.train.max_length,
             max_prompt_length=cfg.max_prompt_length, on_overlong=cfg.train.on_overlong,
             on_bad_pair=cfg.on_bad_pair, max_dropped_share=cfg.max_dropped_share if cfg.on_bad_pair == "drop" else 0.0,
             where=ctx.where)
         specs = [(s.name, s.weight, s.params()) for s in cfg.losses]
         needs_reference = any(get_preference_loss(s.name).needs_reference for s in cfg.losses)
         resolved = resolve_train(cfg.train, len(pairs), ctx.dist.world_size, ctx.seed)
-        return PreparedPreference(tokenizer, pairs, data.report, report, resolved, specs, needs_reference)
+        return PreparedPreference(tokenizer, pairs, data.report, report, resolved, specs, needs_reference,
+                                  contamination)
 
     def describe(self, ctx: StageContext, prepared: PreparedPreference) -> dict[str, Any]:
         tokens = sum(len(p) for p in prepared.pairs) / len(prepared.pairs)

@@ -23,6 +23,7 @@ from posttrain.models.forward import head_weight, hidden_states
 from posttrain.stages.common import (
     StageContext,
     StageOutput,
+    contamination_guard,
     finish_model_stage,
     stage_model,
     stage_tokenizer,
@@ -40,6 +41,7 @@ class PreparedLM:
     render: RenderReport
     resolved: ResolvedTrain
     aggregation: str
+    contamination: dict[str, Any]
 
 
 def lm_objective(chunk: int):
@@ -73,14 +75,15 @@ class TokenLMStage:
         cfg, train = ctx.config, ctx.config.train
         tokenizer = stage_tokenizer(ctx)
         data = ctx.load_data(cfg.data, expect=self.formats)
+        examples, contamination = contamination_guard(ctx, data.examples)
         loss_on = self.fixed_loss_on or cfg.loss_on
-        rendered, report = render_dataset(tokenizer, data.examples, loss_on=loss_on, max_length=train.max_length,
+        rendered, report = render_dataset(tokenizer, examples, loss_on=loss_on, max_length=train.max_length,
                                           on_overlong=train.on_overlong,
                                           max_truncated_share=train.max_truncated_share, where=f"{ctx.where}.train")
         rows = make_rows(rendered, packing=train.packing, max_length=train.max_length)
         resolved = resolve_train(train, len(rows), ctx.dist.world_size, ctx.seed)
         aggregation = getattr(cfg, "loss_aggregation", TOKEN_MEAN)
-        return PreparedLM(tokenizer, rows, data.report, report, resolved, aggregation)
+        return PreparedLM(tokenizer, rows, data.report, report, resolved, aggregation, contamination)
 
     def describe(self, ctx: StageContext, prepared: PreparedLM) -> dict[str, Any]:
         r, render = prepared.resolved, prepared.render

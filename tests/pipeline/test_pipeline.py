@@ -234,3 +234,31 @@ def test_broken_recipes_exit_2_with_the_yaml_path(tmp_path, capsys, recipe, expe
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
+
+
+def test_training_rows_that_overlap_an_eval_set_are_reported_failed_or_dropped(tmp_path, capsys):
+    from posttrain.demo.world import prompt_rows
+
+    leaked = prompt_rows("test", {})[0]["prompt"][0]["content"]  # a held-out eval question
+    rows = [{"prompt": [{"role": "user", "content": leaked}], "completion": "leak"}] + [
+        {"prompt": [{"role": "user", "content": f"Say {i} twice."}], "completion": f"{i} {i}"} for i in range(15)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recipe(policy: str) -> Path:
+        path = tmp_path / f"{policy}.yaml"
+        path.write_text(f"name: c\non_contamination: {policy}\nstages:\n  sft:\n    kind: sft\n    model:\n{TINY}\n"
+                        "    data: {path: train.jsonl}\n    train: {max_steps: 1, global_batch_size: 8, "
+                        "micro_batch_size: 8, max_length: 96}\n"
+                        "    eval: [{task: demo_accuracy, limit: 4, max_new_tokens: 4}]\n")
+        return path
+
+    assert run(recipe("fail"), tmp_path / "fail") == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:1" in err and "on_contamination" in err and not (tmp_path / "fail" / "stages").exists()
+    assert run(recipe("drop"), tmp_path / "drop") == 0
+    info = json.loads(next((tmp_path / "drop" / "stages" / "sft").glob("*/manifest.json")).read_text())["info"]
+    assert info["contamination"]["dropped"] == 1 and info["render"]["rows"] == 15
+    assert run(recipe("report"), tmp_path / "report") == 0
+    manifest = json.loads(next((tmp_path / "report" / "stages" / "sft").glob("*/manifest.json")).read_text())
+    assert manifest["info"]["render"]["rows"] == 16
+    assert any(a["name"] == "contamination" for a in manifest["alarms"])
