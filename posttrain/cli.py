@@ -196,17 +196,16 @@ def _print_summary(reports, workdir: Path, title: str) -> None:
     if not init_distributed(prefer_cuda=False).is_main:
         return
     table = Table(title=f"{title}: {workdir}")
-    # Evaluation metrics, then the training loss; the rest is in each stage's metrics.jsonl.
-    metric_names = sorted({k for r in reports for k in r.metrics if not k.endswith("_n")
-                           and not k.startswith("train_") and isinstance(r.metrics[k], int | float)})
-    metric_names += ["train_loss"] if any("train_loss" in r.metrics for r in reports) else []
-    for column in ["stage", "kind", "status", *metric_names, "gates", "time"]:
+    # Each stage's eval metrics (named after its eval tasks), its training loss, its gates.
+    metric_names = sorted({k for r in reports for k in _eval_metrics(r)})
+    for column in ["stage", "kind", "status", *metric_names, "train_loss", "gates", "time"]:
         table.add_column(column)
     for r in reports:
-        values = [f"{r.metrics[m]:.4g}" if m in r.metrics else "" for m in metric_names]
+        values = [f"{r.metrics[m]:.4g}" if m in _eval_metrics(r) else "" for m in metric_names]
+        loss = r.metrics.get("train_loss")
         gates = " ".join("ok" if g["passed"] else "FAIL" for g in r.gates)
-        status = r.status if r.status != "ran" else "ran"
-        table.add_row(r.name, r.kind, status, *values, gates, f"{r.seconds:.1f}s")
+        table.add_row(r.name, r.kind, r.status, *values, "" if loss is None else f"{loss:.4g}", gates,
+                      f"{r.seconds:.1f}s")
     console().print(table)
     from posttrain.pipeline.head import read_head
 
@@ -216,6 +215,16 @@ def _print_summary(reports, workdir: Path, title: str) -> None:
     for r in reports:
         for alarm in r.alarms:
             console().print(f"[yellow]alarm[/] {r.name} step {alarm.get('step')}: {alarm.get('message')}")
+
+
+def _eval_metrics(report) -> list[str]:
+    """Metric names a stage's eval tasks produced (``<task>`` or ``<task>_<detail>``), without
+    the ``_n`` sample counts."""
+    from posttrain.config.gates import produced_by
+
+    tasks = [t.task for t in report.config.eval] if getattr(report, "config", None) else []
+    return [k for k, v in report.metrics.items() if produced_by(k, tasks) and not k.endswith("_n")
+            and isinstance(v, int | float)]
 
 
 def cmd_data_show(args: argparse.Namespace) -> int:

@@ -150,19 +150,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[Problem]
             value = yaml.load(value_text, Loader=_Loader) if value_text else ""
         except yaml.YAMLError:
             value = value_text
-        target = data
-        for part in parts[:-1]:
-            existing = target.get(part)
-            if existing is None:
-                target[part] = existing = {}
-            if not isinstance(existing, dict):
-                problems.append(problem(where, f"{part!r} is not a mapping, cannot set a key inside it",
-                                        "override the whole value instead"))
-                break
-            target = existing
-        else:
-            target[parts[-1]] = value
+        problem_found = _set_path(data, parts, value)
+        if problem_found:
+            problems.append(problem(where, problem_found, "override the whole value instead"))
     return problems
+
+
+def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> str | None:
+    """Set ``value`` at ``parts`` (mapping keys, or list indices like ``eval.0.limit``); missing
+    mappings are created. Returns why it could not, or None."""
+    target: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(target, list):
+            if not part.isdigit() or int(part) >= len(target):
+                return f"{part!r} is not an index of the list at {'.'.join(parts[:i]) or 'the top'}"
+            if last:
+                target[int(part)] = value
+            else:
+                target = target[int(part)]
+            continue
+        if not isinstance(target, dict):
+            return f"{parts[i - 1]!r} is not a mapping or list, cannot set a key inside it"
+        if last:
+            target[part] = value
+        else:
+            if target.get(part) is None:
+                target[part] = {}
+            target = target[part]
+    return None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -72,6 +72,11 @@ def chat_template_text(spec: str, where: str, base_dir: Path | None) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def resolve_local(spec: str, base_dir: Path | None) -> Path | None:
+    """A model/tokenizer spec as a local path (relative to the recipe), or None for a hub id."""
+    return _resolve(spec, base_dir)
+
+
 def _resolve(spec: str, base_dir: Path | None) -> Path | None:
     """A local path (relative to the recipe) if ``spec`` names one; None for a hub id."""
     p = Path(spec).expanduser()
@@ -100,9 +105,10 @@ def check_model_source(cfg: ModelConfig, where: str, base_dir: Path | None) -> l
         if path is None or not path.exists():
             problems.append(problem(f"{where}.path", f"model path {cfg.path!r} does not exist",
                                     "check the path (relative paths start at the recipe's folder)"))
-        elif not (path / "config.json").exists():
+        elif not any((path / f).exists() for f in ("config.json", "HEAD.json", "model/config.json",
+                                                    "adapter/adapter_config.json")):
             problems.append(problem(f"{where}.path", f"{cfg.path!r} has no config.json",
-                                    "point at a folder written by save_pretrained"))
+                                    "point at a save_pretrained folder, a stage artifact or a workdir"))
     return problems
 
 

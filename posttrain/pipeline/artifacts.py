@@ -51,6 +51,26 @@ def data_fingerprints(stage: StageConfig, recipe: Recipe) -> dict[str, str]:
     return {path: _fingerprint(data, recipe) for path, data in datasets_in(stage)}
 
 
+def model_fingerprint(stage: StageConfig, recipe: Recipe) -> str | None:
+    """What a local ``model.path`` holds: another pipeline's artifact key (so a recipe built on
+    ``../runs/demo`` re-runs when that pipeline's head moves), or the names, sizes and times of a
+    save_pretrained folder's files. None for hub ids and tiny models (their config is the key)."""
+    path_spec = stage.model.path if stage.model is not None else None
+    if not path_spec:
+        return None
+    from posttrain.models.load import resolve_local
+    from posttrain.stages.common import pipeline_artifact
+
+    artifact = pipeline_artifact(path_spec, recipe.base_dir)
+    if artifact is not None:
+        return f"artifact:{artifact.name}"
+    path = resolve_local(path_spec, recipe.base_dir)
+    if path is None or not path.is_dir():
+        return None
+    stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(path.iterdir()) if f.is_file()]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def _fingerprint(cfg: DataConfig, recipe: Recipe) -> str:
     if cfg.stage:
         return f"stage:{cfg.stage}"
@@ -66,6 +86,7 @@ def stage_key(stage: StageConfig, recipe: Recipe, parent_keys: dict[str, str]) -
         "config": _semantic(stage.model_dump(by_alias=True, mode="json")),
         "parents": parent_keys,
         "data": data_fingerprints(stage, recipe),
+        "model": model_fingerprint(stage, recipe),
         "seed": recipe.seed,
         "code": code_version(),
     }

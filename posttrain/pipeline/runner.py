@@ -52,6 +52,7 @@ class StageReport:
     folder: Path | None = None
     alarms: list[dict[str, Any]] = field(default_factory=list)
     gates: list[dict[str, Any]] = field(default_factory=list)
+    config: Any = None  # the stage's config (for display)
 
     @property
     def passed(self) -> bool:
@@ -170,6 +171,7 @@ def run_recipe(recipe: Recipe, workdir: Path, *, show_progress: bool = True, inf
     try:
         for name in selected:
             reports[name] = _one_stage(recipe, name, keys, prepared, workdir, info, show_progress, reports)
+            reports[name].config = recipe.stages[name]
         if info.is_main:
             update_head(workdir, recipe, keys)
     finally:

@@ -25,6 +25,7 @@ from posttrain.models.load import (
     load_model,
     load_saved,
     load_tokenizer,
+    resolve_local,
     save_model,
 )
 from posttrain.registry import Registry
@@ -104,6 +105,13 @@ def stage_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
                                                               ctx.recipe.base_dir)
         return tokenizer
     root, cfg = root_model_config(ctx)
+    artifact = None if cfg.tokenizer else pipeline_artifact(cfg.path, ctx.recipe.base_dir)
+    if artifact is not None:
+        tokenizer = artifact_tokenizer(artifact)
+        template = _nearest_template(ctx)
+        if template:
+            tokenizer.chat_template = chat_template_text(template, f"stages.{root}.model", ctx.recipe.base_dir)
+        return tokenizer
     return load_tokenizer(cfg.tokenizer or cfg.path or "", where=f"stages.{root}.model.tokenizer",
                           base_dir=ctx.recipe.base_dir, chat_template=_nearest_template(ctx),
                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -119,6 +127,22 @@ def _nearest_template(ctx: StageContext) -> str | None:
             return None
         seen.add(stage.from_)
         stage = ctx.recipe.stages[stage.from_]
+
+
+def pipeline_artifact(spec: str | None, base_dir: Path | None) -> Path | None:
+    """A model path that names a posttrain workdir (its head) or a stage artifact, as the
+    artifact folder; None for a save_pretrained folder or a hub id. So a recipe can start from
+    another pipeline's promoted model: ``model: {path: ../runs/demo}``."""
+    if not spec:
+        return None
+    path = resolve_local(spec, base_dir)
+    if path is None:
+        return None
+    if (path / "HEAD.json").exists():
+        return Path(json.loads((path / "HEAD.json").read_text())["artifact"])
+    if (path / "manifest.json").exists():
+        return path
+    return None
 
 
 def artifact_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -144,6 +168,9 @@ def starting_model(ctx: StageContext, tokenizer: PreTrainedTokenizerBase) -> Pre
                                     "run the pipeline from the parent stage"))
         return load_artifact_model(folder)
     assert ctx.config.model is not None
+    artifact = pipeline_artifact(ctx.config.model.path, ctx.recipe.base_dir)
+    if artifact is not None:
+        return load_artifact_model(artifact)
     return load_model(ctx.config.model, tokenizer, where=f"{ctx.where}.model", base_dir=ctx.recipe.base_dir)
 
 
