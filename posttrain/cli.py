@@ -1,7 +1,7 @@
 """The ``posttrain`` command.
 
     posttrain run RECIPE [--set a.b=v ...] [--workdir DIR] [--only S | --from S | --until S]
-    posttrain status WORKDIR | rollback WORKDIR STAGE | lineage WORKDIR ARTIFACT
+    posttrain status WORKDIR | rollback WORKDIR STAGE | lineage WORKDIR ARTIFACT | report WORKDIR
     posttrain validate RECIPE [--set ...]
     posttrain plan RECIPE [--set ...] [--workdir DIR]
     posttrain data show RECIPE --stage S [--n 2]
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help="point the pipeline head at an earlier good stage")
     p.add_argument("workdir", type=Path)
     p.add_argument("stage")
+    p = sub.add_parser("report", help="write WORKDIR/report.html: the DAG, eval charts, training curves")
+    p.add_argument("workdir", type=Path)
     p = sub.add_parser("lineage", help="an artifact's parents back to the base model and raw data, with hashes")
     p.add_argument("workdir", type=Path)
     p.add_argument("artifact", help="a stage name, a key (or its prefix), or an artifact folder")
@@ -98,7 +100,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cmd_run(args.recipe, args.overrides, args.workdir, not args.no_progress,
                        selection=Selection(args.only, args.from_, args.until))
-    if args.command in ("status", "rollback", "lineage"):
+    if args.command in ("status", "rollback", "lineage", "report"):
         return cmd_inspect(args)
     if args.command == "demo":
         return cmd_run(DEMO_RECIPE, args.overrides, args.workdir, not args.no_progress, title="demo")
@@ -167,6 +169,12 @@ def cmd_run(recipe_path: Path, overrides: list[str], workdir: Path | None, progr
     workdir = workdir or recipe.default_workdir()
     reports = run_recipe(recipe, workdir, show_progress=progress, selection=selection)
     _print_summary(reports, workdir, title or recipe.name)
+    from posttrain.loops.distributed import init_distributed
+    from posttrain.pipeline.inspect import write_report
+
+    if init_distributed(prefer_cuda=False).is_main:
+        console_path = write_report(workdir)
+        print(f"report: {console_path}", file=sys.stderr)
     return 0
 
 
@@ -174,10 +182,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from posttrain.pipeline.head import rollback
-    from posttrain.pipeline.inspect import lineage, print_lineage, print_status
+    from posttrain.pipeline.inspect import lineage, print_lineage, print_status, write_report
 
     if args.command == "status":
         print_status(args.workdir)
+    elif args.command == "report":
+        print(f"wrote {write_report(args.workdir)}")
     elif args.command == "rollback":
         head = rollback(args.workdir, args.stage)
         print(f"head -> {head['stage']} {head['key']} ({head['artifact']})")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from posttrain.config.gates import produced_by
 from posttrain.errors import UserError, problem
 from posttrain.pipeline.artifacts import artifact_for
 from posttrain.pipeline.head import read_head
@@ -47,11 +48,28 @@ def stage_rows(workdir: Path) -> list[dict[str, Any]]:
             status = "failed" if event == "failed" else "incomplete"
         else:
             status = "not run"
+        tasks = [t["task"] for t in snapshot["stages"][name].get("eval", [])]
+        metrics = manifest.get("metrics", {})
         rows.append({"stage": name, "kind": snapshot["stages"][name]["kind"], "key": key, "status": status,
-                     "parents": snapshot["parents"][name], "metrics": manifest.get("metrics", {}),
+                     "parents": snapshot["parents"][name], "metrics": metrics,
+                     "eval_metrics": [k for k in metrics if produced_by(k, tasks) and not k.endswith("_n")],
                      "gates": manifest.get("gates", []), "alarms": manifest.get("alarms", []),
                      "head": head.get("stage") == name and head.get("key") == key})
     return rows
+
+
+def write_report(workdir: Path) -> Path:
+    """``WORKDIR/report.html``: the DAG, eval charts across stages, training curves."""
+    from posttrain.monitoring.report import render
+    from posttrain.monitoring.sinks import read_metrics
+
+    rows = stage_rows(workdir)
+    curves = {r["stage"]: read_metrics(artifact_for(workdir, r["stage"], r["key"]).folder / "metrics.jsonl")
+              for r in rows}
+    page = render(f"posttrain: {workdir}", rows, curves, read_head(workdir))
+    path = workdir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 def print_status(workdir: Path) -> None:

@@ -146,6 +146,9 @@ def test_status_and_lineage(tmp_path, capsys):
     assert base["base_model"]["tokenizer"] == "builtin:demo" and base["data"][0]["builtin"] == "demo.sft"
     assert main(["lineage", str(work), tree["key"][:8]]) == 0
     assert "demo.sft" in capsys.readouterr().out
+    page = (work / "report.html").read_text()  # written by every run
+    assert all(f"<b>{stage}</b>" in page for stage in STAGES)
+    assert "<svg" in page and "aria-label=\"loss\"" in page and "aria-label=\"demo_accuracy\"" in page
 
 
 def test_only_from_until(tmp_path, capsys):
