@@ -3,8 +3,9 @@
 Workload: GSM8K train question (prompt) + worked answer (completion), 64-256 tokens, completion-only
 loss, 8 sequences per optimizer step, AdamW lr 1e-4 with a linear schedule, max grad norm 1.0,
 sequential data order on both sides. TRL runs with its documented defaults except what the
-workload fixes: bf16=False (its default is bf16 even on CPU), use_cpu, batch size, steps,
-max_length=256, sequential sampling, no saving, no reporting. Tokens counted the same way for
+workload fixes: bf16=False (its default is bf16 even on CPU), gradient_checkpointing=False (on by
+default; the workload has none), use_cpu, batch size, steps, max_length=256, sequential sampling,
+no saving, no reporting. Tokens counted the same way for
 both: non-padding tokens of the step's sequences.
 
 Last line of output: one JSON object (name, ours, peer, throughput_ratio, peak_rss_ratio, env).
@@ -87,7 +88,7 @@ def run_peer(size: str, steps: int, warmup: int) -> None:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
         lr_scheduler_type="linear", max_grad_norm=1.0, bf16=False, use_cpu=True, max_length=MAX_LENGTH,
         train_sampling_strategy="sequential", save_strategy="no", report_to=[], disable_tqdm=True,
-        logging_steps=10_000, seed=0,
+        logging_steps=10_000, seed=0, gradient_checkpointing=False,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[Timer()])

@@ -86,3 +86,19 @@ def test_sampling_is_batch_invariant(setup):
     alone = HFSampler(model, tokenizer, batch_size=3).generate([prompts[1]], params, keys=[11])
     assert [r.completion_ids for r in together[3:6]] == [r.completion_ids for r in alone]
     assert [r.prompt_index for r in alone] == [11, 11, 11]
+
+
+def test_reserved_cache_growth_changes_nothing(setup, monkeypatch):
+    """The sampler's growing key/value buffer (doubled when full) gives exactly the plain cache's
+    tokens and logprobs: force it to grow many times, and compare with no reservation at all."""
+    import posttrain.rollout.hf as hf
+
+    model, tokenizer, prompts = setup
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=24, seed=4)
+    original = hf._reserve
+    monkeypatch.setattr(hf, "_reserve", lambda cache, extra: original(cache, 1))  # grows 1, 2, 4, ...
+    grown = HFSampler(model, tokenizer).generate(prompts, params)
+    monkeypatch.setattr(hf, "_reserve", lambda cache, extra: None)
+    plain = HFSampler(model, tokenizer).generate(prompts, params)
+    assert [r.completion_ids for r in grown] == [r.completion_ids for r in plain]
+    assert max(abs(a - b) for g, p in zip(grown, plain) for a, b in zip(g.logprobs, p.logprobs)) < 1e-5
