@@ -7,9 +7,9 @@ trailing newline carries nothing), so that token is also the last non-padding on
 where transformers' ``*ForSequenceClassification`` pools: one saved model, the same rewards.
 
 Steps are rendered one piece at a time (``render_steps``): the prompt as a sampler sees it, then
-each step's text (the separator opening every step after the first), then the end-of-turn token.
-Training, label induction and scoring all use this one function, so a step ends at the same
-token everywhere. Putting the separator at the start of the next step keeps byte-level BPE
+each step's text (the separator opening every step after the first), then the end-of-turn token;
+a step's score is read at the token after it. Training, label induction and scoring all use this
+one function, so a step is read at the same token everywhere. Putting the separator at the start of the next step keeps byte-level BPE
 splits the same as for the whole text (a space or newline attaches to the word after it).
 """
 
@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.render import render_prompt, render_prompt_completion
 from posttrain.errors import UserError, problem
+from posttrain.models.block_attention import BlockLayout
 from posttrain.types import RowSource, Text, TokenizedExample
 
 
@@ -54,8 +55,9 @@ class RewardRow:
 
 @dataclass
 class RewardBatch:
-    """One micro-batch. Tokens: input_ids, position_ids [R, T] (right-padded), optionally a 4D
-    boolean attention mask [R, 1, T, T]. Read positions: ``read_rows``, ``read_cols`` [S], where
+    """One micro-batch. Tokens: input_ids, position_ids [R, T]: right-padded rows, or one packed
+    row with its attention ``blocks`` (``posttrain.data.shared_prompt``). Read positions:
+    ``read_rows``, ``read_cols`` [S], where
     each of the S scored sequences ends. Pairs: ``pair_chosen``, ``pair_rejected`` [P] (indices
     into the S), ``pair_head``, ``pair_margin`` (NaN = none), ``pair_category`` [P]. Scored
     responses: ``point_index``, ``point_head``, ``point_target`` [Q]. ``tokens``: non-padding
@@ -74,11 +76,33 @@ class RewardBatch:
     point_head: torch.Tensor
     point_target: torch.Tensor
     tokens: int
-    attention_mask: torch.Tensor | None = None
+    blocks: BlockLayout | None = None
+    # Chosen responses' next-token targets (an optional language-modelling regulariser): the
+    # hidden state at (lm_rows, lm_cols) predicts lm_targets; lm_pair is the pair it belongs to [L].
+    lm_rows: torch.Tensor | None = None
+    lm_cols: torch.Tensor | None = None
+    lm_targets: torch.Tensor | None = None
+    lm_pair: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> RewardBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return RewardBatch(**moved)
+
+
+def lm_targets(chosen: list[tuple[TokenizedExample, int, int]]) -> dict[str, torch.Tensor]:
+    """The next-token targets of responses used as language-model targets (a pair's chosen
+    response, a verified solution): (sequence, row, first column) each -> lm_rows, lm_cols (the
+    predicting position), lm_targets, lm_pair (which of them)."""
+    rows, cols, targets, pairs = [], [], [], []
+    for pair, (sequence, row, start) in enumerate(chosen):
+        for t in range(1, len(sequence)):
+            if sequence.loss_mask[t]:
+                rows.append(row)
+                cols.append(start + t - 1)
+                targets.append(sequence.input_ids[t])
+                pairs.append(pair)
+    return {name: torch.tensor(values, dtype=torch.long) for name, values in
+            (("lm_rows", rows), ("lm_cols", cols), ("lm_targets", targets), ("lm_pair", pairs))}
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +127,14 @@ def collate_reward_rows(rows: list[RewardRow], pad_id: int) -> RewardBatch:
             points.append((first, row.head, row.value))
     ids, positions = _pad(sequences, pad_id)
     lengths = torch.tensor([len(s) for s in sequences])
+    chosen = [(row.sequences[0], pair[0], 0) for row, pair in zip([r for r in rows if r.is_pair], pairs)]
     return RewardBatch(
         ids, positions, torch.arange(len(sequences)), lengths - 1,
         torch.tensor([p[0] for p in pairs], dtype=torch.long), torch.tensor([p[1] for p in pairs], dtype=torch.long),
         torch.tensor([p[2] for p in pairs], dtype=torch.long), torch.tensor([p[3] for p in pairs], dtype=torch.float32),
         torch.tensor([p[4] for p in pairs], dtype=torch.long),
         torch.tensor([p[0] for p in points], dtype=torch.long), torch.tensor([p[1] for p in points], dtype=torch.long),
-        torch.tensor([p[2] for p in points], dtype=torch.float32), int(lengths.sum()))
+        torch.tensor([p[2] for p in points], dtype=torch.float32), int(lengths.sum()), **lm_targets(chosen))
 
 
 # ---------------------------------------------------------------- process reward models
@@ -130,8 +155,12 @@ def _end_of_turn(tokenizer: PreTrainedTokenizerBase, prompt: Text, source: RowSo
 
 def render_steps(tokenizer: PreTrainedTokenizerBase, prompt: Text, steps: list[str], separator: str,
                  source: RowSource | None = None, *, close: bool = True) -> tuple[TokenizedExample, list[int]]:
-    """Prompt + steps (+ the end-of-turn token when ``close``) and the index of each step's last
-    token. The completion tokens are the targets."""
+    """Prompt + steps (+ the end-of-turn token when ``close``) and, per step, the index of the
+    token right after it: the next step's first token (its separator) or, after the last step,
+    the end-of-turn token. That token is where a step's score is read: like Math-Shepherd's step
+    tag, it has seen the whole step (reading at the step's own last token leaves the model no
+    position to compare that token with what the step should have said). Without ``close`` the
+    last step has no such token and gets no index. The completion tokens are the targets."""
     if not steps:
         raise UserError(problem(str(source or "solution"), "the solution has no steps",
                                 "check the separator, or drop the row"))
@@ -141,9 +170,11 @@ def render_steps(tokenizer: PreTrainedTokenizerBase, prompt: Text, steps: list[s
         piece = tokenizer((separator if i else "") + step, add_special_tokens=False)["input_ids"]
         if not piece:
             raise UserError(problem(str(source or "solution"), f"step {i + 1} is empty", "drop the row"))
+        if i:
+            ends.append(len(ids))
         ids += piece
-        ends.append(len(ids) - 1)
     if close:
+        ends.append(len(ids))
         ids.append(_end_of_turn(tokenizer, prompt, source))
     mask = [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
     return TokenizedExample(ids, mask, source), ends
@@ -160,6 +191,11 @@ class StepRow:
     def __len__(self) -> int:
         return len(self.sequence)
 
+    @property
+    def verified(self) -> bool:
+        """Every step is labelled more likely right than wrong (a usable language-model target)."""
+        return bool(self.labels) and min(self.labels) >= 0.5
+
 
 @dataclass
 class StepBatch:
@@ -173,6 +209,12 @@ class StepBatch:
     labels: torch.Tensor
     step_of: torch.Tensor
     tokens: int
+    # next-token targets of the verified solutions (an optional regulariser), as in RewardBatch;
+    # lm_pair numbers the verified solutions of the batch
+    lm_rows: torch.Tensor | None = None
+    lm_cols: torch.Tensor | None = None
+    lm_targets: torch.Tensor | None = None
+    lm_pair: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> StepBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -185,6 +227,7 @@ def collate_step_rows(rows: list[StepRow], pad_id: int) -> StepBatch:
     step_cols = [c for row in rows for c in row.step_ends]
     labels = [x for row in rows for x in (row.labels or [math.nan] * len(row.step_ends))]
     step_of = [i for row in rows for i in range(len(row.step_ends))]
+    verified = [(row.sequence, r, 0) for r, row in enumerate(rows) if row.verified]
     return StepBatch(ids, positions, torch.tensor(step_rows, dtype=torch.long), torch.tensor(step_cols, dtype=torch.long),
                      torch.tensor(labels, dtype=torch.float32), torch.tensor(step_of, dtype=torch.long),
-                     sum(len(r) for r in rows))
+                     sum(len(r) for r in rows), **lm_targets(verified))

@@ -1,21 +1,23 @@
-"""Pairs that share one copy of their prompt: ``[common prefix | chosen rest | rejected rest]``.
+"""A micro-batch of reward-model rows packed into one row, pairs sharing one copy of their prompt:
+``[common prefix | chosen rest | rejected rest | next pair ...]``.
 
 Under causal attention the hidden states of the tokens a pair's two sequences have in common (the
 prompt, often most of the tokens) are the same in both, so they are computed once. The rejected
-rest takes the positions the chosen rest takes (both continue the prefix) and a mask keeps it
-from attending to the chosen rest; every other token attends causally within its own row.
-Rewards are exactly those of the two separate sequences (tested); the forward processes
-``prefix + chosen rest + rejected rest`` tokens instead of ``2 * prefix + both rests``.
+rest takes the positions the chosen rest takes (both continue the prefix) and attends to the
+prefix and to itself, never to the chosen rest (``posttrain.models.block_attention``). Rows are
+packed end to end with no padding; attention never crosses rows. Rewards are exactly those of the
+separate sequences (tested); the forward processes ``prefix + chosen rest + rejected rest`` tokens
+per pair instead of two padded sequences.
 
-A scored response (a regression head's row) is its own row with a plain causal mask. Padding
-tokens attend only to themselves, which keeps every softmax row finite.
+A scored response (a regression head's row) is one plain causal block.
 """
 
 from __future__ import annotations
 
 import torch
 
-from posttrain.data.reward_data import RewardBatch, RewardRow
+from posttrain.data.reward_data import RewardBatch, RewardRow, lm_targets
+from posttrain.models.block_attention import AttentionBlock, BlockLayout
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -28,44 +30,41 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def collate_shared_prompt(rows: list[RewardRow], pad_id: int) -> RewardBatch:
-    """One row per pair (prefix once) or scored response; see the module docstring."""
-    layouts = []
+    """Every row of the micro-batch in one packed row; see the module docstring. ``pad_id`` is
+    unused (nothing is padded) but kept so the collate functions are interchangeable."""
+    ids: list[int] = []
+    positions: list[int] = []
+    blocks: list[AttentionBlock] = []
+    reads: list[int] = []
+    chosen = []
     for row in rows:
-        if row.is_pair:
-            chosen, rejected = (s.input_ids for s in row.sequences)
-            shared = common_prefix(chosen, rejected)
-            layouts.append((chosen + rejected[shared:], shared, len(chosen) - shared, len(rejected) - shared))
-        else:
-            ids = row.sequences[0].input_ids
-            layouts.append((ids, len(ids), 0, 0))
-    width = max(len(ids) for ids, *_ in layouts)
-    count = len(rows)
-    input_ids = torch.full((count, width), pad_id, dtype=torch.long)
-    positions = torch.arange(width).expand(count, width).clone()
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    mask = causal.expand(count, width, width).clone()
-    read_rows, read_cols = [], []
-    for r, (ids, shared, chosen_rest, rejected_rest) in enumerate(layouts):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        mask[r, len(ids):, :] = False
-        mask[r, len(ids):, len(ids):] |= torch.eye(width - len(ids), dtype=torch.bool)
-        if chosen_rest:
-            start = shared + chosen_rest
-            positions[r, start : start + rejected_rest] = torch.arange(shared, shared + rejected_rest)
-            mask[r, start : start + rejected_rest, shared:start] = False
-            read_rows += [r, r]
-            read_cols += [start - 1, start + rejected_rest - 1]
-        else:
-            read_rows.append(r)
-            read_cols.append(len(ids) - 1)
-    plain = _plain_fields(rows)
-    tokens = sum(len(row) for row in rows)
-    return RewardBatch(input_ids, positions, torch.tensor(read_rows), torch.tensor(read_cols), *plain, tokens,
-                       attention_mask=mask[:, None])
+        start = len(ids)
+        first = row.sequences[0].input_ids
+        if not row.is_pair:
+            ids += first
+            positions += range(len(first))
+            blocks.append(AttentionBlock(start, len(ids)))
+            reads.append(len(ids) - 1)
+            continue
+        rejected = row.sequences[1].input_ids
+        shared = common_prefix(first, rejected)
+        chosen.append((row.sequences[0], 0, start))
+        ids += first
+        positions += range(len(first))
+        blocks.append(AttentionBlock(start, len(ids)))
+        reads.append(len(ids) - 1)
+        rest = rejected[shared:]
+        blocks.append(AttentionBlock(len(ids), len(ids) + len(rest), ((start, start + shared),) if shared else ()))
+        ids += rest
+        positions += range(shared, shared + len(rest))
+        reads.append(len(ids) - 1)
+    return RewardBatch(torch.tensor([ids]), torch.tensor([positions]), torch.zeros(len(reads), dtype=torch.long),
+                       torch.tensor(reads), *_bookkeeping(rows), sum(len(row) for row in rows),
+                       blocks=BlockLayout(tuple(blocks)), **lm_targets(chosen))
 
 
-def _plain_fields(rows: list[RewardRow]) -> tuple[torch.Tensor, ...]:
-    """Pair and point bookkeeping in reading order (a pair's chosen read, then its rejected)."""
+def _bookkeeping(rows: list[RewardRow]) -> tuple[torch.Tensor, ...]:
+    """Pair and point fields in reading order (a pair's chosen read, then its rejected)."""
     pairs, points, read = [], [], 0
     for row in rows:
         if row.is_pair:

@@ -58,6 +58,7 @@ _PROVIDERS = (
     "posttrain.evals.probes",
     "posttrain.evals.calibration",
     "posttrain.evals.perplexity",
+    "posttrain.evals.reward_model_tasks",
 )
 
 # EvalTaskConfig fields besides ``task`` and ``options`` that a task may read.

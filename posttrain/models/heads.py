@@ -41,9 +41,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from posttrain.errors import UserError, problem
+from posttrain.models.block_attention import NO_MASK, BlockLayout, use_block_attention
 from posttrain.models.load import MODEL_DIR, decoder_and_head, is_peft
 
 KINDS = ("reward", "prm", "value")
@@ -72,37 +79,44 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.kind, self.head_names, self.meta = kind, list(head_names), dict(meta or {})
         hidden = backbone.config.get_text_config().hidden_size
-        self.score = nn.Linear(hidden, len(self.head_names), bias=False)
-        self.score.to(next(backbone.parameters()).dtype)
+        parameter = next(backbone.parameters())
+        self.score = nn.Linear(hidden, len(self.head_names), bias=False, device="meta")
+        # Seeded apart from the global RNG, so adding a head never shifts a stage's data order.
         generator = torch.Generator().manual_seed(init_seed)
         std = getattr(backbone.config, "initializer_range", 0.02)
-        with torch.no_grad():  # seeded apart from the global RNG so a stage's data order is unaffected
-            self.score.weight.copy_(torch.randn(self.score.weight.shape, generator=generator) * std)
+        weight = torch.randn(self.score.weight.shape, generator=generator) * std
+        self.score.weight = nn.Parameter(weight.to(device=parameter.device, dtype=parameter.dtype))
 
     @property
-    def config(self):
+    def config(self) -> Any:
         return self.backbone.config
 
-    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states [B, T, H]. Without a mask, attention is causal and restarting
-        position ids separate packed segments; a 4D boolean mask [B, 1, T, T] (True = may
-        attend) replaces both, e.g. for responses that share one copy of their prompt."""
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, blocks: BlockLayout | None = None
+               ) -> torch.Tensor:
+        """Final hidden states [B, T, H] of right-padded rows (causal attention needs no mask),
+        or of one packed row [1, T] whose attention follows ``blocks`` (no padding; responses
+        that share one copy of their prompt; see ``posttrain.models.block_attention``)."""
         decoder, _ = decoder_and_head(self.backbone)
-        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+        if blocks is None:
+            return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        if not use_block_attention(self.backbone):
+            raise ValueError(f"block layouts need SDPA attention, not {self.config._attn_implementation!r}")
+        return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=NO_MASK.to(input_ids.device),
+                       use_cache=False, posttrain_blocks=blocks).last_hidden_state
 
     def scores_at(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
-                  columns: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  columns: torch.Tensor, blocks: BlockLayout | None = None) -> torch.Tensor:
         """Head outputs [N, K] at the N positions (rows[i], columns[i]); only those hidden
         states go through the head."""
-        hidden = self.hidden(input_ids, position_ids, attention_mask)
+        hidden = self.hidden(input_ids, position_ids, blocks)
         return self.score(hidden[rows, columns]).float()
 
     def rewards(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Rewards [B, K] of right-padded sequences, read at ``last`` [B] (each one's last token)."""
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return self.scores_at(input_ids, position_ids, rows, last)
+
+    forward = rewards
 
     def token_scores(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Head outputs at every token [B, T, K]."""

@@ -6,6 +6,7 @@ from posttrain.stages.grpo import GRPORunner
 from posttrain.stages.kto import KTORunner
 from posttrain.stages.preference import PreferenceRunner
 from posttrain.stages.pretrain import pretrain_stage
+from posttrain.stages.prm import PRMLabelRunner, PRMRunner
 from posttrain.stages.reward_model import RewardModelRunner
 from posttrain.stages.sft import SFT_FORMATS, TokenLMStage
 
@@ -17,6 +18,8 @@ STAGE_RUNNERS.add("generate", GenerateRunner)
 STAGE_RUNNERS.add("score", ScoreRunner)
 STAGE_RUNNERS.add("select", SelectRunner)
 STAGE_RUNNERS.add("reward_model", RewardModelRunner)
+STAGE_RUNNERS.add("prm", PRMRunner)
+STAGE_RUNNERS.add("prm_labels", PRMLabelRunner)
 STAGE_RUNNERS.add("grpo", GRPORunner)
 STAGE_RUNNERS.add("filter", FilterRunner)
 STAGE_RUNNERS.add("mix", MixRunner)

@@ -29,7 +29,10 @@ from posttrain.data.shared_prompt import collate_shared_prompt
 from posttrain.errors import Problem, UserError, problem
 from posttrain.loops.offline import OfflineJob, ResolvedTrain, resolve_train, run_offline
 from posttrain.losses.reward_model import RewardLoss, get_reward_loss
+from posttrain.models.block_attention import use_block_attention
+from posttrain.models.forward import head_weight
 from posttrain.models.heads import RewardModel, save_reward_model
+from posttrain.models.logprobs import token_logprobs
 from posttrain.stages.common import StageContext, StageOutput, evaluate, stage_model, stage_tokenizer
 from posttrain.stages.preference import PAIR_FORMATS, check_losses, expand_rankings
 
@@ -55,6 +58,9 @@ class RewardModelRunner:
             if head.use_margin and not pairwise:
                 problems.append(problem(f"{at}.use_margin", "a margin needs a pairwise loss",
                                         "remove use_margin, or use loss: bradley_terry"))
+            if head.lm_coefficient and not pairwise:
+                problems.append(problem(f"{at}.lm_coefficient", "the regulariser reads pairs' chosen responses",
+                                        "remove lm_coefficient, or use loss: bradley_terry"))
             if head.target is not None and pairwise:
                 problems.append(problem(f"{at}.target", "a target score is read by regression heads only",
                                         "remove target, or use loss: regression"))
@@ -89,10 +95,14 @@ class RewardModelRunner:
     def run(self, ctx: StageContext, prepared: PreparedRewardModel) -> StageOutput:
         cfg: RewardModelStage = ctx.config
         model = RewardModel(stage_model(ctx, prepared.tokenizer), prepared.heads, init_seed=ctx.seed)
-        objective = RewardObjective([(get_reward_loss(h.loss.name), h.loss.params(), h.weight, h.use_margin)
-                                     for h in cfg.head_specs], prepared.heads, prepared.categories)
+        objective = RewardObjective([HeadObjective(get_reward_loss(h.loss.name), h.loss.params(), h.weight,
+                                                   h.use_margin, h.lm_coefficient) for h in cfg.head_specs],
+                                    prepared.heads, prepared.categories, cfg.train.logits_chunk)
         pad = prepared.tokenizer.pad_token_id
-        collate = (lambda rows: collate_shared_prompt(rows, pad)) if cfg.share_prompt else (
+        # Shared-prompt batches need the block attention, which wraps SDPA; eager or flash
+        # attention models train on padded batches instead (same rewards, more tokens).
+        shared = cfg.share_prompt and use_block_attention(model.backbone)
+        collate = (lambda rows: collate_shared_prompt(rows, pad)) if shared else (
             lambda rows: collate_reward_rows(rows, pad))
         job = OfflineJob(name=ctx.name, model=model, rows=prepared.rows, lengths=[len(r) for r in prepared.rows],
                          collate=collate, units=lambda _row: 1.0, objective=objective, train=cfg.train,
@@ -105,7 +115,7 @@ class RewardModelRunner:
         metrics = train_summary(result.final_metrics)
         metrics.update(evaluate(ctx, model, prepared.tokenizer))
         info = {"resolved": prepared.resolved.as_dict(), "data": prepared.reports, "heads": prepared.heads,
-                "resumed_from": result.resumed_from}
+                "shared_prompt_batches": shared, "resumed_from": result.resumed_from}
         return StageOutput(metrics, result.alarms, info)
 
 
@@ -186,47 +196,69 @@ def _point_rows(ctx: StageContext, tokenizer: PreTrainedTokenizerBase, head: Rew
         rows.append(RewardRow(h, (cut_at_last_target(rendered),), target, -1, source))
     if not rows:
         raise UserError(problem(f"{ctx.where}.{_at(where, 'data')}", "no usable scored rows", "check the data"))
-    report.kept = len(rows)
-    return rows, {"rows": report.as_dict()}
+    return rows, {"rows": len(raw), "kept": len(rows), "truncated": report.truncated, "dropped": dict(report.dropped),
+                  "dropped_examples": dict(report.examples)}
+
+
+@dataclass(frozen=True)
+class HeadObjective:
+    """What one head is trained with (from its config)."""
+
+    loss: RewardLoss
+    params: dict[str, object]
+    weight: float = 1.0
+    use_margin: bool = False
+    lm_coefficient: float = 0.0  # weight of the chosen responses' next-token NLL (GRM regulariser)
 
 
 class RewardObjective:
     """The micro-batch objective: every sequence scored in one forward, then each head's loss on
     its own rows. Stats are sums over the global batch (``__num``/``__den`` pairs for means over
-    a subset of rows: pairs, a head, a category)."""
+    a subset of rows: pairs, a head, a category).
 
-    def __init__(self, heads: list[tuple[RewardLoss, dict[str, object], float, bool]], names: list[str],
-                 categories: list[str]) -> None:
-        self.heads, self.names, self.categories = heads, names, categories
+    ``lm_coefficient`` > 0 adds, per pair, that weight times the mean next-token NLL of its
+    chosen response, computed from the same forward's hidden states (the text-generation
+    regulariser of Yang et al. 2024, "Regularizing hidden states enables learning generalizable
+    reward models" (GRM), their SFT variant): it keeps the backbone's language features, which
+    the pairwise loss alone can wash out, and speeds up learning where the reward needs them."""
+
+    def __init__(self, heads: list[HeadObjective], names: list[str], categories: list[str], chunk: int = 1024
+                 ) -> None:
+        self.heads, self.names, self.categories, self.chunk = heads, names, categories, chunk
 
     def _key(self, h: int, name: str) -> str:
         return name if len(self.names) == 1 else f"{self.names[h]}/{name}"
 
     def __call__(self, model: torch.nn.Module, batch: RewardBatch, normaliser: float
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        scores = model.scores_at(batch.input_ids, batch.position_ids, batch.read_rows, batch.read_cols,
-                                 batch.attention_mask)
+        hidden = model.hidden(batch.input_ids, batch.position_ids, batch.blocks)
+        scores = model.score(hidden[batch.read_rows, batch.read_cols]).float()
+        nll = self._chosen_nll(model, hidden, batch) if any(h.lm_coefficient for h in self.heads) else None
         total = scores.new_zeros(())
         stats: dict[str, float] = {}
-        for h, (loss, params, weight, use_margin) in enumerate(self.heads):
-            if loss.pairwise:
+        for h, head in enumerate(self.heads):
+            if head.loss.pairwise:
                 chosen_of = batch.pair_head == h
                 if not bool(chosen_of.any()):
                     continue
                 chosen = scores[batch.pair_chosen[chosen_of], h]
                 rejected = scores[batch.pair_rejected[chosen_of], h]
-                losses, part = loss(chosen, rejected, batch.pair_margin[chosen_of] if use_margin else None, **params)
+                margin = batch.pair_margin[chosen_of] if head.use_margin else None
+                losses, part = head.loss(chosen, rejected, margin, **head.params)
                 self._pair_stats(stats, h, part, batch.pair_category[chosen_of])
+                if head.lm_coefficient and nll is not None:
+                    losses = losses + head.lm_coefficient * nll[chosen_of]
+                    _ratio(stats, self._key(h, "chosen_nll"), nll[chosen_of].detach())
                 rewards = torch.cat([chosen, rejected]).detach()
             else:
                 mine = batch.point_head == h
                 if not bool(mine.any()):
                     continue
                 predicted = scores[batch.point_index[mine], h]
-                losses, part = loss(predicted, batch.point_target[mine], **params)
+                losses, part = head.loss(predicted, batch.point_target[mine], **head.params)
                 _ratio(stats, self._key(h, "abs_error"), part["abs_error"])
                 rewards = predicted.detach()
-            total = total + weight * losses.sum()
+            total = total + head.weight * losses.sum()
             _ratio(stats, self._key(h, "loss"), losses.detach())
             _ratio(stats, self._key(h, "rewards/mean"), rewards)
             _ratio(stats, self._key(h, "rewards/mean_sq"), rewards * rewards)
@@ -235,6 +267,16 @@ class RewardObjective:
         if len(self.names) == 1:  # one head: its mean loss is the loss
             del stats["loss/__num"], stats["loss/__den"]
         return loss_value, stats
+
+    def _chosen_nll(self, model: torch.nn.Module, hidden: torch.Tensor, batch: RewardBatch) -> torch.Tensor:
+        """Each pair's mean next-token NLL over its chosen response [P] (chunked projection)."""
+        logp = token_logprobs(hidden[batch.lm_rows, batch.lm_cols], head_weight(model.backbone), batch.lm_targets,
+                              chunk=self.chunk)
+        pairs = batch.pair_head.shape[0]
+        total = torch.zeros(pairs, dtype=logp.dtype, device=logp.device).index_add(0, batch.lm_pair, -logp)
+        count = torch.zeros(pairs, dtype=logp.dtype, device=logp.device).index_add(
+            0, batch.lm_pair, torch.ones_like(logp))
+        return total / count.clamp(min=1.0)
 
     def _pair_stats(self, stats: dict[str, float], h: int, part: dict[str, torch.Tensor],
                     category: torch.Tensor) -> None:

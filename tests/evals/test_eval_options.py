@@ -51,7 +51,8 @@ def test_every_registered_task_has_a_spec_and_valid_defaults():
     get_task("gsm8k", "eval")  # loads every provider
     assert EVAL_TASKS.names() == sorted([
         "calibration", "demo_accuracy", "diversity", "gsm8k", "humaneval", "ifeval", "math500", "mbpp",
-        "perplexity", "response_length", "reward_hacking", "win_rate", "xstest"])
+        "perplexity", "prm_localisation", "response_length", "reward_hacking", "rm_accuracy", "rm_best_of_n",
+        "rm_bias_probes", "win_rate", "xstest"])
     needs_an_option = {"win_rate"}  # the judge has no default
     for name in EVAL_TASKS.names():
         assert (_problems([{"task": name}]) != "") == (name in needs_an_option), name

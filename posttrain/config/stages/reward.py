@@ -36,6 +36,8 @@ class RewardHead(StrictModel):
                                                 "sigmoid (Llama 2); a pair without one is an error")
     target: str | None = Field(None, description="regression: the row field holding the score "
                                                  "(default: the head's name)")
+    lm_coefficient: float = Field(0.0, ge=0, description="pairwise: add this x the chosen response's mean "
+                                                         "next-token NLL (GRM regulariser); 0 = off")
 
 
 class RewardModelStage(StageConfig):
@@ -48,6 +50,8 @@ class RewardModelStage(StageConfig):
                                                       "(or give 'heads')")
     loss: LossSpec | None = Field(None, description="the one head's loss (default bradley_terry)")
     use_margin: bool = Field(False, description="the one head: use each pair's 'margin' field")
+    lm_coefficient: float = Field(0.0, ge=0, description="the one head: weight of the chosen responses' "
+                                                         "next-token NLL (GRM regulariser)")
     heads: list[RewardHead] | None = Field(None, min_length=1, description="several named heads")
     category_field: str = Field("category", description="pairs carrying this field get accuracy per value")
     max_prompt_length: int | None = Field(None, gt=0, description="pairs with longer prompts are bad pairs")
@@ -56,8 +60,8 @@ class RewardModelStage(StageConfig):
     max_dropped_share: float = Field(0.1, ge=0, le=1, description="fail if more pairs than this are dropped")
     rankings: Literal["best_vs_rest", "all_pairs"] = Field(
         "best_vs_rest", description="how rows with several scored responses become pairs")
-    share_prompt: bool = Field(True, description="compute a pair's prompt once for both responses "
-                                                 "(same rewards; fewer tokens)")
+    share_prompt: bool = Field(True, description="pack each micro-batch into one row, a pair's prompt computed "
+                                                 "once (same rewards, fewer tokens; SDPA models only, others pad)")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-5, global_batch_size=32))
 
     @property
@@ -67,11 +71,11 @@ class RewardModelStage(StageConfig):
             return self.heads
         assert self.data is not None
         return [RewardHead(name="reward", data=self.data, loss=self.loss or _bradley_terry(),
-                           use_margin=self.use_margin)]
+                           use_margin=self.use_margin, lm_coefficient=self.lm_coefficient)]
 
     @model_validator(mode="after")
     def _one_way_to_name_heads(self) -> RewardModelStage:
-        shorthand = [k for k in ("data", "loss", "use_margin") if self.explicitly_set(k)]
+        shorthand = [k for k in ("data", "loss", "use_margin", "lm_coefficient") if self.explicitly_set(k)]
         if self.heads is not None and shorthand:
             raise ValueError(f"set 'heads' or {shorthand}, not both; fix: move them into a head")
         if self.heads is None and self.data is None:
@@ -96,6 +100,8 @@ class PRMStage(StageConfig):
                                                            "so scoring splits the same way)")
     on_bad_row: Literal["error", "drop"] = Field(
         "error", description="rows whose label count differs from their step count: fail, or drop and count")
+    lm_coefficient: float = Field(0.0, ge=0, description="add this x the mean next-token NLL of solutions whose "
+                                                         "every step is labelled >= 0.5 (GRM regulariser); 0 = off")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-5, global_batch_size=32))
 
 
