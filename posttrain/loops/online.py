@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from posttrain.config.stages.rl import HealthConfig, RLTrainConfig
+from posttrain.loops.critic import Critic
 from posttrain.loops.distributed import DistInfo, allreduce_gradients, allreduce_sum, barrier
 from posttrain.loops.offline import (
     TrainResult,
@@ -28,7 +29,7 @@ from posttrain.loops.offline import (
     build_scheduler,
     warmup_steps,
 )
-from posttrain.loops.rl_batch import RolloutBatch, build_batch, policy_logprobs
+from posttrain.loops.rl_batch import RolloutBatch, build_batch, per_micro_batch, policy_logprobs
 from posttrain.loops.state import (
     crash_point,
     latest_checkpoint,
@@ -94,6 +95,7 @@ class OnlineJob:
     out_dir: Path
     dist: DistInfo
     reference: Callable[[RolloutBatch], torch.Tensor] | None = None  # no-grad ref logprobs [R, L]
+    critic: Critic | None = None  # PPO: GAE advantages from a value model trained alongside
     seed: int = 0
     show_progress: bool = True
 
@@ -228,12 +230,8 @@ def _greedy_baseline(job: OnlineJob, keys: list[int], step: int) -> torch.Tensor
 def batch_logprobs(model: torch.nn.Module, batch: RolloutBatch, *, temperature: float, chunk: int,
                    micro_batch_size: int) -> torch.Tensor:
     """Logprobs of the sampled tokens [R, L] without gradient, micro-batch by micro-batch."""
-    out = torch.zeros_like(batch.mask)
-    for rows in torch.arange(batch.rows).split(micro_batch_size):
-        mb = batch.select(rows)
-        values, _ = policy_logprobs(model, mb, temperature=temperature, chunk=chunk)
-        out[rows, : values.shape[1]] = values
-    return out
+    return per_micro_batch(batch, micro_batch_size,
+                           lambda mb: policy_logprobs(model, mb, temperature=temperature, chunk=chunk)[0])
 
 
 def score_passes(job: OnlineJob, batch: RolloutBatch) -> None:
@@ -266,8 +264,11 @@ def _gather_rows(values: torch.Tensor, collected: Collected, n: int, info: DistI
 
 def set_advantages(job: OnlineJob, collected: Collected, batch: RolloutBatch, beta: float) -> dict[str, float]:
     """Advantages over the global [P, G] batch (KL penalty in the reward first, if placed there);
-    this process keeps its own rows."""
+    this process keeps its own rows. With a critic: its GAE advantages [R, L] and returns."""
     algo, n = job.algorithm, job.sampling.n
+    if job.critic is not None:
+        return job.critic.set_advantages(batch, collected.rewards, collected.valid, beta, algo.kl_estimator,
+                                         kl_in_reward=algo.kl_placement == "reward")
     rewards = collected.rewards.clone()
     stats: dict[str, float] = {}
     if algo.kl_placement == "reward" and batch.ref_logp is not None and beta > 0:
@@ -324,8 +325,13 @@ def _micro_loss(job: OnlineJob, mb: RolloutBatch, norm: GlobalNormalisers, beta:
 FIRST_PASS_ONLY = ("entropy", "logprob_gap_max", "logprob_gap_mean")  # before any update of the step
 
 
-def optimise(job: OnlineJob, batch: RolloutBatch, optimizer, scheduler, beta: float) -> dict[str, float]:
-    """``ppo_epochs`` passes over the rollouts, ``minibatches`` optimizer steps per pass. Returns
+SUMMED = ("loss", "value_loss")  # micro-batch shares of an optimizer step's loss: summed, not averaged
+
+
+def optimise(job: OnlineJob, batch: RolloutBatch, optimizer, scheduler, beta: float, *, policy: bool = True
+             ) -> dict[str, float]:
+    """``ppo_epochs`` passes over the rollouts, ``minibatches`` optimizer steps per pass, of the
+    policy (unless ``policy`` is False: critic warm-up) and of the critic if there is one. Returns
     the mean over micro-batches of each statistic (the max of ``*_max`` ones), the mean loss per
     optimizer step, and the first pass's entropy and sampler-trainer gap."""
     cfg, info = job.train, job.dist
@@ -337,9 +343,14 @@ def optimise(job: OnlineJob, batch: RolloutBatch, optimizer, scheduler, beta: fl
         for rows in torch.arange(batch.rows).tensor_split(cfg.minibatches):
             norm = _normalisers(job, batch, rows)
             for micro in rows.split(cfg.micro_batch_size):
-                with autocast(cfg, info.device):
-                    loss, stats = _micro_loss(job, batch.select(micro), norm, beta, first=micro_count == 0)
-                loss.backward()
+                mb = batch.select(micro)
+                stats = {}
+                if policy:
+                    with autocast(cfg, info.device):
+                        loss, stats = _micro_loss(job, mb, norm, beta, first=micro_count == 0)
+                    loss.backward()
+                if job.critic is not None:
+                    stats.update(job.critic.backward(mb, norm, job.algorithm.aggregation))
                 micro_count += 1
                 for key, value in stats.items():
                     if key in FIRST_PASS_ONLY:
@@ -348,15 +359,18 @@ def optimise(job: OnlineJob, batch: RolloutBatch, optimizer, scheduler, beta: fl
                         out[key] = max(out.get(key, -math.inf), value)
                     else:
                         sums[key] = sums.get(key, 0.0) + value
-            allreduce_gradients(params, info)
-            if cfg.max_grad_norm is not None and params:
-                out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if policy:
+                allreduce_gradients(params, info)
+                if cfg.max_grad_norm is not None and params:
+                    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if job.critic is not None:
+                out.update(job.critic.step())
             updates += 1
-    out.update({k: v / max(micro_count, 1) for k, v in sums.items() if k != "loss"})
-    out["loss"] = sums.get("loss", 0.0) / max(updates, 1)
+    out.update({k: v / max(micro_count, 1) for k, v in sums.items() if k not in SUMMED})
+    out.update({k: sums[k] / max(updates, 1) for k in SUMMED if k in sums})
     return out
 
 
@@ -393,7 +407,8 @@ def run_online(job: OnlineJob, health) -> TrainResult:
     cfg, info = job.train, job.dist
     job.model.to(info.device).train()
     optimizer = build_optimizer(job.model, cfg)
-    total_updates = cfg.max_steps * cfg.ppo_epochs * cfg.minibatches
+    warm = job.critic.settings.warmup_steps if job.critic is not None else 0
+    total_updates = (cfg.max_steps - warm) * cfg.ppo_epochs * cfg.minibatches
     scheduler = build_scheduler(optimizer, cfg, warmup_steps(cfg, total_updates), total_updates)
     algo = job.algorithm
     controller = (AdaptiveKLController(algo.kl_beta, algo.kl_target) if algo.kl_target
@@ -414,7 +429,7 @@ def run_online(job: OnlineJob, health) -> TrainResult:
             score_passes(job, batch)
             beta = controller.beta
             extra = set_advantages(job, collected, batch, beta)
-            update = optimise(job, batch, optimizer, scheduler, beta)
+            update = optimise(job, batch, optimizer, scheduler, beta, policy=step >= warm)
             last = {**_step_metrics(collected, batch, update, info), **extra, "kl_beta": beta,
                     "lr": scheduler.get_last_lr()[0], "step_s": time.monotonic() - t0}
             if "kl" in last:
@@ -444,6 +459,8 @@ def _checkpoint(job: OnlineJob, step: int, optimizer, scheduler, controller, hea
                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
                    "loop": {"step": step, "tokens": tokens, "last": last, "alarms": alarms,
                             "kl": controller.state_dict(), "health": health.state_dict()}}
+        if job.critic is not None:
+            payload["critic"] = job.critic.state_dict()
         save_checkpoint(job.out_dir / "checkpoints", step, payload, job.train.keep_checkpoints)
     barrier(job.dist)
     crash_point("checkpoint.saved")
@@ -461,6 +478,8 @@ def _resume(job: OnlineJob, optimizer, scheduler, controller, health):
     set_rng_state(state["rng"])
     controller.load_state_dict(state["loop"]["kl"])
     health.load_state_dict(state["loop"]["health"])
+    if job.critic is not None:
+        job.critic.load_state_dict(state["critic"])
     step = int(state["loop"]["step"])
     if job.dist.is_main:
         truncate_metrics(job.out_dir / "metrics.jsonl", step)

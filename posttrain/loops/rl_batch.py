@@ -7,6 +7,7 @@ completion tokens that are trained on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,9 @@ class RolloutBatch:
     rewards: torch.Tensor  # [R] combined reward (0 where invalid)
     valid: torch.Tensor  # [R] bool: the reward is not None
     truncated: torch.Tensor  # [R] bool
-    advantages: torch.Tensor | None = None  # [R]
+    advantages: torch.Tensor | None = None  # [R] (outcome estimators) or [R, L] (GAE)
+    returns: torch.Tensor | None = None  # [R, L] the critic's targets (PPO)
+    old_values: torch.Tensor | None = None  # [R, L] the critic's values at rollout time (PPO)
     old_logp: torch.Tensor | None = None  # [R, L] trainer logprobs before the update (None: on-policy)
     ref_logp: torch.Tensor | None = None  # [R, L]
     components: list[dict[str, float]] = field(default_factory=list)
@@ -59,7 +62,7 @@ class RolloutBatch:
 
 
 _TENSORS = ("input_ids", "position_ids", "lengths", "completion", "mask", "sampler_logp", "rewards", "valid",
-            "truncated", "advantages", "old_logp", "ref_logp")
+            "truncated", "advantages", "returns", "old_values", "old_logp", "ref_logp")
 
 
 def build_batch(rollouts: list[Rollout], scores: list[float | None], pad_id: int, *, mask_truncated: bool
@@ -85,6 +88,18 @@ def build_batch(rollouts: list[Rollout], scores: list[float | None], pad_id: int
         completion=completion, mask=mask, sampler_logp=sampler,
         rewards=torch.tensor([0.0 if s is None else float(s) for s in scores]),
         valid=torch.tensor([s is not None for s in scores]), truncated=torch.tensor([r.truncated for r in rollouts]))
+
+
+@torch.no_grad()
+def per_micro_batch(batch: RolloutBatch, micro_batch_size: int,
+                    score: Callable[[RolloutBatch], torch.Tensor]) -> torch.Tensor:
+    """A no-grad per-token pass [R, L] (old or reference logprobs, old values), computed
+    ``micro_batch_size`` rows at a time; ``score`` maps a sub-batch to its [r, l] values."""
+    out = torch.zeros_like(batch.mask)
+    for rows in torch.arange(batch.rows).split(micro_batch_size):
+        values = score(batch.select(rows))
+        out[rows, : values.shape[1]] = values.to(out.dtype)
+    return out
 
 
 def policy_logprobs(model: torch.nn.Module, batch: RolloutBatch, *, temperature: float, chunk: int,

@@ -186,8 +186,16 @@ def _batch_whiten(
     total = weights.sum()
     mean = (values * weights).sum() / total.clamp(min=1.0)
     var = ((values - mean).pow(2) * weights).sum() / (total - 1).clamp(min=1.0)
+    return whiten(values, weights > 0, mean, var, eps)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, mean: float | torch.Tensor, var: float | torch.Tensor,
+           eps: float = WHITEN_EPS) -> torch.Tensor:
+    """(x - mean) * rsqrt(var + eps) where ``mask`` is set, 0 elsewhere, with the moments given:
+    the last step of ``masked_whiten``, for moments summed over processes. [B, T] -> [B, T]."""
+    var = torch.as_tensor(var, dtype=values.dtype, device=values.device)
     whitened = (values - mean) * torch.rsqrt(var + eps)
-    return torch.where(weights > 0, whitened, torch.zeros_like(whitened))
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
 def _reinforce_weights(valid: torch.Tensor, token_counts: torch.Tensor | None) -> torch.Tensor:

@@ -300,44 +300,6 @@ def truncated_is_weights(
     return weights, stats
 
 
-def value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None,
-) -> tuple[torch.Tensor, Stats]:
-    """Clipped value loss for PPO's critic: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
-
-    values (with gradient), old_values (the critic at rollout time), returns (GAE returns), mask:
-    [B, T] -> (per_token_loss [B, T], stats). The PPO paper (Schulman et al. 2017, eq. 9) uses a
-    plain squared error; the clipped form and the 0.5 come from OpenAI baselines ``ppo2`` and are
-    what TRL, verl and OpenRLHF use. ``clip=None`` gives the plain 0.5 (V - R)^2. Stats:
-    ``value_clip_frac`` (tokens where the clipped error is the larger), ``value_mean``,
-    ``value_error`` (mean squared error, unclipped).
-    """
-    if not (values.shape == old_values.shape == returns.shape == mask.shape):
-        raise ValueError("values, old_values, returns and mask must all be [B, T]")
-    keep = mask.bool()
-    values, returns = _valid_only(values, keep), _valid_only(returns.detach(), keep)
-    unclipped = (values - returns).pow(2)
-    if clip is None:
-        loss = 0.5 * unclipped
-        clipped_frac = torch.zeros((), dtype=values.dtype, device=values.device)
-    else:
-        old_values = _valid_only(old_values.detach(), keep)
-        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
-        clipped = (clipped_values - returns).pow(2)
-        loss = 0.5 * torch.maximum(unclipped, clipped)
-        clipped_frac = masked_mean((clipped > unclipped).to(values.dtype), keep)
-    stats = {
-        "value_clip_frac": clipped_frac,
-        "value_mean": masked_mean(values.detach(), keep),
-        "value_error": masked_mean(unclipped.detach(), keep),
-    }
-    return _finish(loss, keep, None), stats
-
-
 POLICY_LOSSES.add("ppo_clip", ppo_clip_loss, aliases=("ppo", "ppo-clip"))
 POLICY_LOSSES.add("clip_higher", clip_higher_loss, aliases=("clip-higher",))
 POLICY_LOSSES.add("dual_clip", dual_clip_loss, aliases=("dual-clip",))

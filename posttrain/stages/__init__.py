@@ -4,6 +4,7 @@ from posttrain.stages.common import STAGE_RUNNERS, StageContext, StageOutput, St
 from posttrain.stages.data import FilterRunner, GenerateRunner, MixRunner, ScoreRunner, SelectRunner
 from posttrain.stages.grpo import GRPORunner
 from posttrain.stages.kto import KTORunner
+from posttrain.stages.ppo import PPORunner
 from posttrain.stages.preference import PreferenceRunner
 from posttrain.stages.pretrain import pretrain_stage
 from posttrain.stages.prm import PRMLabelRunner, PRMRunner
@@ -21,6 +22,7 @@ STAGE_RUNNERS.add("reward_model", RewardModelRunner)
 STAGE_RUNNERS.add("prm", PRMRunner)
 STAGE_RUNNERS.add("prm_labels", PRMLabelRunner)
 STAGE_RUNNERS.add("grpo", GRPORunner)
+STAGE_RUNNERS.add("ppo", PPORunner)
 STAGE_RUNNERS.add("filter", FilterRunner)
 STAGE_RUNNERS.add("mix", MixRunner)
 

@@ -4,171 +4,47 @@ Which member is a matter of pure functions chosen in the recipe:
 GRPO (advantage grpo, loss ppo_clip, token-mean), Dr. GRPO (dr_grpo, constant-norm), DAPO
 (clip_higher, dynamic_sampling, mask_truncated, an overlong reward), GSPO (loss gspo,
 seq-mean-token-mean), RLOO (rloo), REINFORCE++ (reinforce_pp[_baseline]), ReMax (remax).
+The wiring shared with ``ppo`` is in ``posttrain.stages.online``.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from posttrain.config.stages.rl import GRPOStage
-from posttrain.data.render import render_prompt
-from posttrain.errors import Problem, UserError, problem
-from posttrain.loops.online import Algorithm, OnlineJob, PromptRow, RewardFn, batch_logprobs, run_online
-from posttrain.loops.rl_batch import RolloutBatch
+from posttrain.errors import Problem
+from posttrain.loops.online import Algorithm, run_online
 from posttrain.losses.advantages import ADVANTAGE_ESTIMATORS
-from posttrain.losses.aggregation import AGGREGATIONS
-from posttrain.losses.policy import POLICY_LOSSES
-from posttrain.models.load import is_peft
 from posttrain.monitoring.diagnostics import RLHealth
-from posttrain.registry import keyword_parameters
-from posttrain.rewards.base import Scorer, build_scorer, combine
-from posttrain.rollout.hf import HFSampler, SamplingParams
-from posttrain.stages.common import (
-    StageContext,
-    StageOutput,
-    finish_model_stage,
-    stage_model,
-    stage_tokenizer,
-    starting_model,
+from posttrain.stages.common import StageContext, StageOutput, stage_model
+from posttrain.stages.online import (
+    PreparedOnline,
+    check_algorithm,
+    describe_online,
+    finish_online,
+    online_job,
+    prepare_online,
+    shared_algorithm,
 )
-from posttrain.stages.data import _rows
-
-
-def check_algorithm(cfg: GRPOStage, where: str) -> list[Problem]:
-    """Unknown estimator / loss / aggregation names and parameters they do not take."""
-    problems: list[Problem] = []
-    for key, registry, spec in (("advantage", ADVANTAGE_ESTIMATORS, cfg.advantage), ("loss", POLICY_LOSSES, cfg.loss)):
-        try:
-            entry = registry.get(spec.name, where=f"{where}.{key}.name")
-        except UserError as err:
-            problems += err.problems
-            continue
-        fn = getattr(entry, "fn", entry)
-        if getattr(entry, "level", "outcome") != "outcome":
-            problems.append(problem(f"{where}.{key}.name", f"{spec.name!r} needs a critic",
-                                    "use the ppo stage for GAE, or an outcome estimator here"))
-        valid = [k for k in keyword_parameters(fn) if k not in ("valid", "baseline_rewards", "token_counts",
-                                                                  "is_weights")]
-        problems += [problem(f"{where}.{key}.{k}", f"{spec.name!r} has no parameter {k!r}",
-                             "its parameters: " + (", ".join(valid) or "none")) for k in spec.params() if k not in valid]
-    if cfg.aggregation not in AGGREGATIONS:
-        try:
-            AGGREGATIONS.get(cfg.aggregation, where=f"{where}.aggregation")
-        except UserError as err:
-            problems += err.problems
-    return problems
-
-
-@dataclass
-class PreparedGRPO:
-    tokenizer: Any
-    prompts: list[PromptRow]
-    scorers: dict[str, Scorer]
-    weights: dict[str, float]
 
 
 class GRPORunner:
     def check(self, cfg: GRPOStage, where: str) -> list[Problem]:
         return check_algorithm(cfg, where)
 
-    def prepare(self, ctx: StageContext) -> PreparedGRPO:
-        cfg: GRPOStage = ctx.config
-        problems = self.check(cfg, ctx.where)
-        if cfg.train.prompts_per_step % ctx.dist.world_size:
-            problems.append(problem(f"{ctx.where}.train.prompts_per_step", f"{cfg.train.prompts_per_step} prompts "
-                                    f"cannot be split over {ctx.dist.world_size} processes",
-                                    "use a multiple of the process count"))
-        if problems:
-            raise UserError(problems)
-        tokenizer = stage_tokenizer(ctx)
-        prompts = []
-        for i, (row, src) in enumerate(_rows(ctx)):
-            if "prompt" not in row:
-                raise UserError(problem(f"{src} field 'prompt'", "missing", "RL data needs prompt rows"))
-            ids = render_prompt(tokenizer, row["prompt"], src)
-            if len(ids) > cfg.train.max_prompt_length:
-                raise UserError(problem(str(src), f"prompt of {len(ids)} tokens > train.max_prompt_length "
-                                        f"{cfg.train.max_prompt_length}", "raise it or drop the row"))
-            prompts.append(PromptRow(i, ids, row))
-        names = [f"{r.name.split(':')[-1]}_{i}" if len(cfg.rewards) > 1 and [x.name for x in cfg.rewards].count(r.name) > 1
-                 else r.name.split(":")[-1] for i, r in enumerate(cfg.rewards)]
-        scorers = {n: build_scorer(r.name, r.params(), where=f"{ctx.where}.rewards.{i}", path=r.path,
-                                   base_dir=ctx.recipe.base_dir) for i, (n, r) in enumerate(zip(names, cfg.rewards))}
-        return PreparedGRPO(tokenizer, prompts, scorers, {n: r.weight for n, r in zip(names, cfg.rewards)})
+    def prepare(self, ctx: StageContext) -> PreparedOnline:
+        return prepare_online(ctx, self.check(ctx.config, ctx.where))
 
-    def describe(self, ctx: StageContext, prepared: PreparedGRPO) -> dict[str, Any]:
-        cfg: GRPOStage = ctx.config
-        t, n = cfg.train, cfg.sampling.n
-        return {"prompts": len(prepared.prompts), "prompts_per_step": t.prompts_per_step, "rollouts_per_step":
-                t.prompts_per_step * n, "optimizer_steps": t.max_steps * t.ppo_epochs * t.minibatches,
-                "max_new_tokens": cfg.sampling.max_new_tokens, "max_tokens_per_step":
-                t.prompts_per_step * n * (cfg.sampling.max_new_tokens + t.max_prompt_length)}
+    def describe(self, ctx: StageContext, prepared: PreparedOnline) -> dict[str, Any]:
+        return describe_online(ctx, prepared)
 
-    def run(self, ctx: StageContext, prepared: PreparedGRPO) -> StageOutput:
+    def run(self, ctx: StageContext, prepared: PreparedOnline) -> StageOutput:
         cfg: GRPOStage = ctx.config
         model = stage_model(ctx, prepared.tokenizer).to(ctx.dist.device)
-        s = cfg.sampling
-        sampling = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                  max_new_tokens=s.max_new_tokens, stop=s.stop,
-                                  seed=s.seed if s.seed is not None else ctx.seed)
-        reference = _reference(ctx, model, prepared.tokenizer, sampling.temperature) if cfg.kl.beta > 0 else None
         algo = Algorithm(
             advantage=cfg.advantage.name, advantage_params=cfg.advantage.params(),
             needs_baseline=ADVANTAGE_ESTIMATORS.get(cfg.advantage.name).needs_baseline_rewards,
-            loss=cfg.loss.name, loss_params=cfg.loss.params(), aggregation=cfg.aggregation, kl_beta=cfg.kl.beta,
-            kl_estimator=cfg.kl.estimator, kl_placement=cfg.kl.placement, kl_target=cfg.kl.target,
-            mask_truncated=cfg.mask_truncated, tis_cap=cfg.tis_cap, dynamic_sampling=cfg.dynamic_sampling.enabled,
-            max_rounds=cfg.dynamic_sampling.max_rounds)
-        job = OnlineJob(
-            name=ctx.name, model=model, pad_id=prepared.tokenizer.pad_token_id, prompts=prepared.prompts,
-            sampler=HFSampler(model, prepared.tokenizer, batch_size=s.batch_size), sampling=sampling,
-            reward=reward_fn(prepared.scorers, prepared.weights), algorithm=algo, train=cfg.train,
-            health=cfg.health, out_dir=ctx.out_dir, dist=ctx.dist, reference=reference, seed=ctx.seed,
-            show_progress=ctx.show_progress)
-        _announce(ctx, cfg)
-        result = run_online(job, RLHealth(cfg.health, ctx.where))
-        model.eval()
-        metrics = {f"train_{k}": result.final_metrics[k] for k in ("reward_mean", "completion_length", "kl")
-                   if k in result.final_metrics}
-        metrics.update(finish_model_stage(ctx, model, prepared.tokenizer))
-        return StageOutput(metrics, result.alarms, {"resumed_from": result.resumed_from})
-
-
-def reward_fn(scorers: dict[str, Scorer], weights: dict[str, float]) -> RewardFn:
-    def score(completions: list[str], rows: list[dict[str, Any]]):
-        per_reward = {name: scorer(completions, rows) for name, scorer in scorers.items()}
-        return combine(per_reward, weights)
-
-    return score
-
-
-def _reference(ctx: StageContext, policy: torch.nn.Module, tokenizer, temperature: float):
-    """The KL reference: the adapter-free policy under LoRA, else a frozen copy of the start."""
-    cfg: GRPOStage = ctx.config
-    frozen = None
-    if not is_peft(policy):
-        frozen = starting_model(ctx, tokenizer).to(ctx.dist.device).eval()
-        frozen.requires_grad_(False)
-
-    def logprobs(batch: RolloutBatch) -> torch.Tensor:
-        model = frozen if frozen is not None else policy
-        context = policy.disable_adapter() if frozen is None else nullcontext()
-        with context:
-            return batch_logprobs(model, batch, temperature=temperature, chunk=cfg.train.logits_chunk,
-                                  micro_batch_size=cfg.train.micro_batch_size)
-
-    return logprobs
-
-
-def _announce(ctx: StageContext, cfg: GRPOStage) -> None:
-    if ctx.dist.is_main:
-        from posttrain.monitoring.progress import console
-
-        t, n = cfg.train, cfg.sampling.n
-        console().print(f"{ctx.name}: {t.prompts_per_step} prompts x {n} completions = {t.prompts_per_step * n} "
-                        f"rollouts per step, up to {cfg.sampling.max_new_tokens} new tokens each; "
-                        f"{t.ppo_epochs} pass(es) x {t.minibatches} optimizer step(s) per rollout step")
+            dynamic_sampling=cfg.dynamic_sampling.enabled, max_rounds=cfg.dynamic_sampling.max_rounds,
+            **shared_algorithm(cfg))
+        result = run_online(online_job(ctx, prepared, model, algo), RLHealth(cfg.health, ctx.where))
+        return finish_online(ctx, model, prepared.tokenizer, result)

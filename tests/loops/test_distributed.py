@@ -79,13 +79,20 @@ stages:
 """
 
 
+# PPO: the critic's values, GAE whitening, explained variance and value loss must be global too.
+PPO_RECIPE = RL_RECIPE.replace("kind: grpo", "kind: ppo").replace(
+    "advantage: {name: reinforce_pp}", "critic: {lr: 1e-3}\n    critic_warmup_steps: 1").replace(
+    "micro_batch_size: 4,", "micro_batch_size: 4, ppo_epochs: 2, minibatches: 2,")
+
+
 @pytest.mark.slow
-def test_grpo_two_processes_equal_one(tmp_path):
-    """Batch-normalised advantages (reinforce_pp) and the KL term make this a real check that
-    rewards, advantages and normalisers are global."""
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_online_two_processes_equal_one(tmp_path, kind):
+    """Batch-normalised advantages (reinforce_pp; ppo's whitened GAE) and the KL term make this a
+    real check that rewards, advantages and normalisers are global."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RL_RECIPE)
+    recipe.write_text(RL_RECIPE if kind == "grpo" else PPO_RECIPE)
     env = {**os.environ, "POSTTRAIN_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--workdir",
                           str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
@@ -94,9 +101,11 @@ def test_grpo_two_processes_equal_one(tmp_path):
                           str(recipe), "--workdir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    load = lambda w: load_file(str(next((tmp_path / w / "stages" / "rl").glob("*/model/model.safetensors"))))  # noqa: E731
-    a, b = load("one"), load("two")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    saved = ["model"] + (["critic/model"] if kind == "ppo" else [])
+    for folder in saved:
+        load = lambda w: load_file(str(next((tmp_path / w / "stages" / "rl").glob(f"*/{folder}/model.safetensors"))))  # noqa: E731,B023
+        a, b = load("one"), load("two")
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, folder
     rewards = [[json.loads(line).get("reward_mean") for line in next((tmp_path / w / "stages" / "rl").glob(
         "*/metrics.jsonl")).read_text().splitlines()] for w in ("one", "two")]
     assert rewards[0] == rewards[1]  # the same completions were sampled

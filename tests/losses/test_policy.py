@@ -1,5 +1,5 @@
-"""Policy and value losses: on-policy identities, hand-checked clipping, dual-clip, clip-higher,
-GSPO, truncated IS, the value loss, and parity with TRL 1.16's own ``GRPOTrainer._compute_loss``
+"""Policy losses: on-policy identities, hand-checked clipping, dual-clip, clip-higher,
+GSPO, truncated IS, and parity with TRL 1.16's own ``GRPOTrainer._compute_loss``
 (which also pins the mapping of TRL ``loss_type`` names onto our aggregation modes).
 """
 
@@ -26,7 +26,6 @@ from posttrain.losses.policy import (
     ppo_clip_loss,
     sequence_log_ratio,
     truncated_is_weights,
-    value_loss,
 )
 
 F64 = torch.float64
@@ -236,31 +235,6 @@ def test_is_weights_scale_the_loss_and_its_gradient() -> None:
         plain, grad_plain, _ = loss_and_grad(POLICY_LOSSES.get(name), param, old_logp, advantages, mask)
         torch.testing.assert_close(weighted, plain * weights * mask)
         torch.testing.assert_close(grad_weighted, grad_plain * weights * mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Value loss
-
-
-def test_value_loss_hand_case() -> None:
-    """clip 0.5, returns 0, old values 2.
-    V = 1: unclipped (1 - 0)^2 = 1; clipped V = 2 - 0.5 = 1.5 -> 2.25; max 2.25 -> loss 1.125,
-           gradient 0 (the clipped value does not move with V).
-    V = 3: unclipped 9; clipped V = 2.5 -> 6.25; max 9 -> loss 4.5, gradient (V - R) = 3.
-    Without clipping: 0.5 and 4.5, gradients 1 and 3."""
-    values = torch.tensor([[1.0, 3.0]], dtype=F64, requires_grad=True)
-    old_values = torch.tensor([[2.0, 2.0]], dtype=F64)
-    returns = torch.zeros(1, 2, dtype=F64)
-    mask = torch.ones(1, 2)
-    loss, stats = value_loss(values, old_values, returns, mask, clip=0.5)
-    (grad,) = torch.autograd.grad(loss.sum(), values)
-    torch.testing.assert_close(loss, torch.tensor([[1.125, 4.5]], dtype=F64))
-    torch.testing.assert_close(grad, torch.tensor([[0.0, 3.0]], dtype=F64))
-    assert stats["value_clip_frac"].item() == pytest.approx(0.5)
-    loss, _ = value_loss(values, old_values, returns, mask, clip=None)
-    (grad,) = torch.autograd.grad(loss.sum(), values)
-    torch.testing.assert_close(loss, torch.tensor([[0.5, 4.5]], dtype=F64))
-    torch.testing.assert_close(grad, torch.tensor([[1.0, 3.0]], dtype=F64))
 
 
 # ---------------------------------------------------------------------------------------------

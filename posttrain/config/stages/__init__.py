@@ -6,7 +6,8 @@ from posttrain.config.stages.data import GenerateStage, ScoreStage, SelectStage
 from posttrain.config.stages.lm import PretrainStage, SFTStage
 from posttrain.config.stages.preference import KTOStage, PreferenceStage
 from posttrain.config.stages.reward import PRMLabelStage, PRMStage, RewardModelStage  # noqa: F401
-from posttrain.config.stages.rl import GRPOStage
+from posttrain.config.stages.rl import GRPOStage, PPOStage
 
-__all__ = ["STAGE_KINDS", "GRPOStage", "GenerateStage", "KTOStage", "PreferenceStage", "PretrainStage", "SFTStage",
+__all__ = ["STAGE_KINDS", "GRPOStage", "GenerateStage", "KTOStage", "PPOStage", "PreferenceStage",
+           "PretrainStage", "SFTStage",
            "ScoreStage", "SelectStage", "StageConfig"]

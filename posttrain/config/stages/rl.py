@@ -1,5 +1,5 @@
 """Online RL stages: ``grpo`` (the GRPO family: Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++, ReMax,
-chosen by estimator and loss settings)."""
+chosen by estimator and loss settings) and ``ppo`` (a learned critic, GAE)."""
 
 from __future__ import annotations
 
@@ -62,26 +62,91 @@ class HealthConfig(StrictModel):
     window: int = Field(10, gt=1, description="steps per trend window")
 
 
-class GRPOStage(StageConfig):
-    """The GRPO family on the online loop."""
+class OnlineStage(StageConfig):
+    """What every online stage has: prompts, rewards, sampling, the policy loss and its
+    aggregation, KL, the sampler-mismatch settings, health checks and optimisation."""
 
-    kind: Literal["grpo"]
     data: DataConfig = Field(description="prompt rows (prompt + answer/tests/... for the rewards)")
     rewards: list[RewardSpec] = Field(min_length=1, description="verifiers or reward models, weighted")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=8),
                                      description="rollouts per prompt (G = n) and their sampling")
-    advantage: NamedSpec = Field(default_factory=lambda: NamedSpec(name="grpo"),
-                                 description="grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | remax")
     loss: NamedSpec = Field(default_factory=lambda: NamedSpec(name="ppo_clip"),
                             description="ppo_clip | clip_higher | dual_clip | gspo, with eps_low / eps_high / ...")
     aggregation: str = Field("token-mean", description="token-mean | seq-mean-token-mean | seq-mean-token-sum | "
                              "constant-norm (Dr. GRPO)")
     kl: KLConfig = Field(default_factory=KLConfig)
-    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     mask_truncated: bool = Field(False, description="DAPO overlong filtering: no loss on truncated completions")
     tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling cap C (sampler mismatch)")
     health: HealthConfig = Field(default_factory=HealthConfig)
     train: RLTrainConfig = Field(default_factory=lambda: RLTrainConfig(lr=1e-6))
 
 
+class GRPOStage(OnlineStage):
+    """The GRPO family on the online loop."""
+
+    kind: Literal["grpo"]
+    advantage: NamedSpec = Field(default_factory=lambda: NamedSpec(name="grpo"),
+                                 description="grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | remax")
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+
+
+class PPOKLConfig(KLConfig):
+    """KL towards the starting policy, by default as classic RLHF PPO has it: a per-token k1
+    penalty in the reward (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2)."""
+
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Schulman's estimators")
+    placement: Literal["loss", "reward"] = Field("reward", description="a per-token reward penalty, or a loss term")
+
+
+class CriticConfig(StrictModel):
+    """PPO's value model. Default: a fresh value head on a copy of the policy's starting model.
+    It is trained fully (no LoRA) with the stage's train settings except its own lr."""
+
+    from_: str | None = Field(None, alias="from", description="a reward_model stage whose (one-head) model "
+                              "initialises the critic")
+    path: str | None = Field(None, description="a reward_model artifact folder (or its model/ folder) to "
+                             "initialise the critic from, instead of 'from'")
+    init_seed: int = Field(0, description="seed of a fresh value head")
+    lr: float | None = Field(None, gt=0, description="the critic's peak learning rate (default: train.lr); PPO's "
+                             "vf_coef folded in, the critic having its own optimizer")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CriticConfig:
+        if self.from_ and self.path:
+            raise ValueError("set critic.from or critic.path, not both; fix: remove one")
+        if (self.from_ or self.path) and self.explicitly_set("init_seed"):
+            raise ValueError("'init_seed' has no effect when the critic is loaded; fix: remove it")
+        return self
+
+
+class PPOStage(OnlineStage):
+    """PPO with a learned critic: GAE advantages (whitened over the global batch), the PPO-clip
+    policy loss and the clipped value loss, over ``train.ppo_epochs`` x ``train.minibatches``."""
+
+    kind: Literal["ppo"]
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=1),
+                                     description="rollouts per prompt (the critic is the baseline: n = 1 works)")
+    kl: PPOKLConfig = Field(default_factory=PPOKLConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    gamma: float = Field(1.0, ge=0, le=1, description="discount per token (1 as in LLM PPO: one reward at the end)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (bias-variance trade-off of the advantages)")
+    value_clip: float | None = Field(0.2, gt=0, description="clip of the value change around the rollout-time "
+                                     "value (PPO2); null = plain squared error")
+    critic_warmup_steps: int = Field(0, ge=0, description="first rollout steps that train only the critic "
+                                     "(counted in train.max_steps)")
+
+    def references(self) -> list[tuple[str, str, str]]:
+        found = super().references()
+        return found + ([("critic.from", self.critic.from_, "reward_model")] if self.critic.from_ else [])
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> PPOStage:
+        if self.critic_warmup_steps > self.train.max_steps:
+            raise ValueError(f"critic_warmup_steps {self.critic_warmup_steps} > train.max_steps "
+                             f"{self.train.max_steps}: the policy would never train; fix: lower it or raise "
+                             "train.max_steps")
+        return self
+
+
 STAGE_KINDS.add("grpo", GRPOStage)
+STAGE_KINDS.add("ppo", PPOStage)
