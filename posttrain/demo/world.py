@@ -206,16 +206,20 @@ def prm_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
     """Worked solutions for process reward models: ``corrupt_share`` of them (default half) have
     one wrong step, uniformly units / tens / result, carried forward. Fields: prompt, completion,
     answer, problem, and ``first_wrong_step`` (0-based index of the step split at ". "; None when
-    the solution is right)."""
+    the solution is right). ``paired: true``: each problem twice in a row, right then with one
+    wrong step (``n`` rows, n / 2 problems), so a batch holds both of a problem's solutions."""
     n, seed = int(args.get("n", 500)), int(args.get("seed", 4))
     share = float(args.get("corrupt_share", 0.5))
+    paired = bool(args.get("paired", False))
     rng = random.Random(seed + 17)
     rows = []
-    for a, op, b, c in _sample(split, n, seed):
-        wrong = rng.randrange(3) if rng.random() < share else None
-        completion = worked(a, op, b, c) if wrong is None else corrupt_step(a, op, b, c, wrong, rng)
-        rows.append({"prompt": [{"role": "user", "content": question(a, op, b, rng)}], "completion": completion,
-                     "answer": str(c), "problem": f"{a} {op} {b}", "first_wrong_step": wrong})
+    for a, op, b, c in _sample(split, n // 2 if paired else n, seed):
+        kinds = [None, rng.randrange(3)] if paired else [rng.randrange(3) if rng.random() < share else None]
+        completions = [worked(a, op, b, c) if wrong is None else corrupt_step(a, op, b, c, wrong, rng)
+                       for wrong in kinds]
+        prompt = [{"role": "user", "content": question(a, op, b, rng)}]
+        rows += [{"prompt": prompt, "completion": completion, "answer": str(c), "problem": f"{a} {op} {b}",
+                  "first_wrong_step": wrong} for wrong, completion in zip(kinds, completions)]
     return rows
 
 

@@ -207,6 +207,17 @@ def test_corrupted_steps_carry_their_error_forward():
         assert first == wrong and (wrong is None) == (steps[-1] == right[-1])
 
 
+def test_paired_prm_rows_hold_each_problem_right_then_wrong():
+    rows = prm_rows("train", {"n": 40, "paired": True})
+    assert len(rows) == 40
+    for right, wrong in zip(rows[::2], rows[1::2]):
+        assert right["problem"] == wrong["problem"] and right["prompt"] == wrong["prompt"]
+        assert right["first_wrong_step"] is None and wrong["first_wrong_step"] in (0, 1, 2)
+        a, op, b = right["problem"].split()
+        assert right["completion"] == worked(int(a), op, int(b), int(right["answer"]))
+        assert wrong["completion"] != right["completion"]
+
+
 # ------------------------------------------------------------------ through the CLI
 
 RECIPE = """\
