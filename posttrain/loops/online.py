@@ -1,5 +1,5 @@
 """The online loop: prompts -> G rollouts each -> rewards -> advantages -> mu passes of minibatch
-updates -> (weights shared with the sampler). PPO-style stages pass their pure functions in.
+updates -> (weights synced to the sampler). PPO-style stages pass their pure functions in.
 
 Token-in/token-out: the rollout's ids are trained on as sampled. Every process samples its share
 of the step's prompts (sampling is batch-invariant, so the split does not change what is
@@ -46,7 +46,7 @@ from posttrain.losses.policy import POLICY_LOSSES, truncated_is_weights
 from posttrain.losses.rl_filters import groups_with_signal
 from posttrain.monitoring.progress import StepProgress
 from posttrain.monitoring.sinks import Metrics, truncate_metrics
-from posttrain.rollout.hf import SamplingParams
+from posttrain.rollout.base import Sampler, SamplingParams
 from posttrain.types import Rollout
 
 # (completions, rows) -> [(combined score or None, components)]
@@ -86,7 +86,7 @@ class OnlineJob:
     model: torch.nn.Module
     pad_id: int
     prompts: list[PromptRow]
-    sampler: Any  # a Sampler: generate(prompt_ids, params, keys) -> list[Rollout]
+    sampler: Sampler  # hf or vllm engine; synced with the model at the start of every step
     sampling: SamplingParams
     reward: RewardFn
     algorithm: Algorithm
@@ -421,7 +421,7 @@ def run_online(job: OnlineJob, health) -> TrainResult:
     try:
         for step in range(start, cfg.max_steps):
             t0 = time.monotonic()
-            job.sampler.version = step
+            job.sampler.sync(job.model, step)  # policy version = rollout steps applied (resume too)
             collected = collect(job, plan, step)
             batch = build_batch(collected.rollouts, collected.scores, job.pad_id,
                                 mask_truncated=algo.mask_truncated).to(info.device)

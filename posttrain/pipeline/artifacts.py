@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from posttrain.config.components import DataConfig
 from posttrain.config.recipe import Recipe
 from posttrain.config.stage_base import datasets_in
@@ -43,6 +45,44 @@ def _semantic(value: Any) -> Any:
     if isinstance(value, list):
         return [_semantic(v) for v in value]
     return value
+
+
+def key_config(stage: StageConfig) -> dict[str, Any]:
+    """The stage's resolved config as its key sees it: without the report-only settings, and
+    without the fields a config class lists in ``key_omits_defaults`` while they hold their
+    default (fields added after keys existed: adding them leaves cached artifacts valid)."""
+    dumped = stage.model_dump(by_alias=True, mode="json")
+    _omit_new_defaults(stage, dumped)
+    return _semantic(dumped)
+
+
+def _omit_new_defaults(model: BaseModel, dumped: dict[str, Any]) -> None:
+    omitted = getattr(type(model), "key_omits_defaults", ())
+    for name, field in type(model).model_fields.items():
+        key, value = field.alias or name, getattr(model, name)
+        if name in omitted and _json(value) == _json(field.get_default(call_default_factory=True)):
+            dumped.pop(key, None)
+            continue
+        for item, out in _sub_models(value, dumped.get(key)):
+            _omit_new_defaults(item, out)
+
+
+def _sub_models(value: Any, dumped: Any) -> list[tuple[BaseModel, dict[str, Any]]]:
+    """The config blocks inside a field's value (itself, list items, mapping values), each with
+    its dump."""
+    if isinstance(value, BaseModel):
+        pairs = [(value, dumped)]
+    elif isinstance(value, list) and isinstance(dumped, list):
+        pairs = list(zip(value, dumped))
+    elif isinstance(value, dict) and isinstance(dumped, dict):
+        pairs = [(v, dumped.get(k)) for k, v in value.items()]
+    else:
+        pairs = []
+    return [(v, d) for v, d in pairs if isinstance(v, BaseModel) and isinstance(d, dict)]
+
+
+def _json(value: Any) -> Any:
+    return value.model_dump(by_alias=True, mode="json") if isinstance(value, BaseModel) else value
 
 
 def data_fingerprints(stage: StageConfig, recipe: Recipe) -> dict[str, str]:
@@ -83,7 +123,7 @@ def _fingerprint(cfg: DataConfig, recipe: Recipe) -> str:
 def stage_key(stage: StageConfig, recipe: Recipe, parent_keys: dict[str, str]) -> str:
     """hash(resolved stage config, parent artifact keys, data fingerprints, seed, code version)."""
     payload = {
-        "config": _semantic(stage.model_dump(by_alias=True, mode="json")),
+        "config": key_config(stage),
         "parents": parent_keys,
         "data": data_fingerprints(stage, recipe),
         "model": model_fingerprint(stage, recipe),

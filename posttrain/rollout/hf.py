@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass, field
 
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
@@ -26,7 +25,10 @@ except ImportError:  # pragma: no cover
     DynamicLayer = None
 
 from posttrain.monitoring.progress import StepProgress
+from posttrain.rollout.base import SamplingParams
 from posttrain.types import Rollout
+
+__all__ = ["HFSampler", "SamplingParams"]
 
 # transformers 5 renamed ``past_key_values`` to ``cache``; accept both.
 _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
@@ -34,17 +36,6 @@ _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).p
 
 def _cache_of(output):
     return output.cache if hasattr(output, "cache") else output.past_key_values
-
-
-@dataclass
-class SamplingParams:
-    n: int = 1  # samples per prompt (G)
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 64
-    stop: list[str] = field(default_factory=list)  # stop strings (kept in the text and ids)
-    seed: int = 0
 
 
 class HFSampler:
@@ -60,6 +51,11 @@ class HFSampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def sync(self, model: torch.nn.Module, version: int) -> None:
+        """Samples come from the trainer's own module, so there are no weights to copy: the
+        version is recorded (and ``model`` adopted, should it be another module)."""
+        self.model, self.version = model, version
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, keys: list[int] | None = None

@@ -22,7 +22,7 @@ from posttrain.losses.policy import POLICY_LOSSES
 from posttrain.models.load import is_peft
 from posttrain.registry import keyword_parameters
 from posttrain.rewards.base import Scorer, build_scorer, combine
-from posttrain.rollout.hf import HFSampler, SamplingParams
+from posttrain.rollout.engines import build_sampler, sampling_params
 from posttrain.stages.common import (
     StageContext,
     StageOutput,
@@ -114,14 +114,14 @@ def online_job(ctx: StageContext, prepared: PreparedOnline, model: torch.nn.Modu
     """Sampler, reference and rewards around ``model``, ready for ``run_online`` (which each stage
     calls itself, so its module holds the call: benchmarks time ``<stage module>.run_online``)."""
     cfg: OnlineStage = ctx.config
-    s = cfg.sampling
-    sampling = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              max_new_tokens=s.max_new_tokens, stop=s.stop,
-                              seed=s.seed if s.seed is not None else ctx.seed)
+    sampling = sampling_params(cfg.sampling, ctx.seed)
+    # Before the reference model: a vLLM engine needs its share of the GPU free when it starts.
+    sampler = build_sampler(cfg.sampling, sampling, model, prepared.tokenizer,
+                            max_model_len=cfg.train.max_prompt_length + cfg.sampling.max_new_tokens)
     reference = _reference(ctx, model, prepared.tokenizer, sampling.temperature) if cfg.kl.beta > 0 else None
     job = OnlineJob(
         name=ctx.name, model=model, pad_id=prepared.tokenizer.pad_token_id, prompts=prepared.prompts,
-        sampler=HFSampler(model, prepared.tokenizer, batch_size=s.batch_size), sampling=sampling,
+        sampler=sampler, sampling=sampling,
         reward=reward_fn(prepared.scorers, prepared.weights), algorithm=algo, train=cfg.train,
         health=cfg.health, out_dir=ctx.out_dir, dist=ctx.dist, reference=reference, seed=ctx.seed,
         show_progress=ctx.show_progress, critic=critic)

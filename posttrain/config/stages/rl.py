@@ -3,7 +3,7 @@ chosen by estimator and loss settings) and ``ppo`` (a learned critic, GAE)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -11,6 +11,38 @@ from posttrain.config.base import StrictModel
 from posttrain.config.components import DataConfig, NamedSpec, OptimConfig
 from posttrain.config.stage_base import STAGE_KINDS, StageConfig
 from posttrain.config.stages.data import RewardSpec, SamplingConfig
+
+
+class VLLMEngineConfig(StrictModel):
+    """The colocated vLLM engine of ``sampling.engine: vllm``: one per training process, on its GPU,
+    in its process, holding its own copy of the weights (reloaded at every rollout step)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="share of the GPU's memory the engine "
+                                          "takes (its weights and KV cache); the trainer needs the rest")
+    enforce_eager: bool = Field(False, description="no CUDA graphs: slower decoding, less memory, faster start")
+    dtype: Literal["model", "bfloat16", "float16", "float32"] = Field(
+        "model", description="the engine's weights: 'model' = the trainer's parameter dtype")
+
+
+class RolloutSamplingConfig(SamplingConfig):
+    """How an online stage samples its rollouts, and with which engine (docs/training.md)."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: the trainer's own module (CPU or GPU); vllm: a "
+                                          "colocated vLLM engine (a CUDA GPU and the vllm package)")
+    vllm: VLLMEngineConfig = Field(default_factory=VLLMEngineConfig, description="settings of engine: vllm")
+
+    # Added after stage keys existed: left out of a stage's key while at their default, so the
+    # default hf engine keeps every cached artifact's key (pipeline/artifacts.py).
+    key_omits_defaults: ClassVar[tuple[str, ...]] = ("engine", "vllm")
+
+    @model_validator(mode="after")
+    def _engine_keys(self) -> RolloutSamplingConfig:
+        if self.engine != "vllm" and self.explicitly_set("vllm"):
+            raise ValueError("'vllm' has no effect with engine: hf; fix: remove it or set engine: vllm")
+        if self.engine == "vllm" and self.explicitly_set("batch_size"):
+            raise ValueError("'batch_size' has no effect with engine: vllm (vLLM forms its own batches); "
+                             "fix: remove it")
+        return self
 
 
 class RLTrainConfig(OptimConfig):
@@ -68,8 +100,8 @@ class OnlineStage(StageConfig):
 
     data: DataConfig = Field(description="prompt rows (prompt + answer/tests/... for the rewards)")
     rewards: list[RewardSpec] = Field(min_length=1, description="verifiers or reward models, weighted")
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=8),
-                                     description="rollouts per prompt (G = n) and their sampling")
+    sampling: RolloutSamplingConfig = Field(default_factory=lambda: RolloutSamplingConfig(n=8),
+                                            description="rollouts per prompt (G = n), their sampling and engine")
     loss: NamedSpec = Field(default_factory=lambda: NamedSpec(name="ppo_clip"),
                             description="ppo_clip | clip_higher | dual_clip | gspo, with eps_low / eps_high / ...")
     aggregation: str = Field("token-mean", description="token-mean | seq-mean-token-mean | seq-mean-token-sum | "
@@ -124,8 +156,9 @@ class PPOStage(OnlineStage):
     policy loss and the clipped value loss, over ``train.ppo_epochs`` x ``train.minibatches``."""
 
     kind: Literal["ppo"]
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=1),
-                                     description="rollouts per prompt (the critic is the baseline: n = 1 works)")
+    sampling: RolloutSamplingConfig = Field(default_factory=lambda: RolloutSamplingConfig(n=1),
+                                            description="rollouts per prompt (the critic is the baseline: n = 1 "
+                                            "works), their sampling and engine")
     kl: PPOKLConfig = Field(default_factory=PPOKLConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     gamma: float = Field(1.0, ge=0, le=1, description="discount per token (1 as in LLM PPO: one reward at the end)")
