@@ -130,11 +130,15 @@ def sft_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def prompt_rows(split: str, args: dict[str, Any]) -> list[dict[str, Any]]:
-    """Questions with answers. ``n`` = all of the split when absent (held-out evaluation)."""
+    """Questions with answers. ``n`` = all of the split when absent (held-out evaluation), in a
+    seeded random order, so that the first N rows (an eval's ``limit``) are a random sample."""
     seed = int(args.get("seed", 2))
     rng = random.Random(seed + 11)
-    pool = problems(split)
-    chosen = pool if "n" not in args else _sample(split, int(args["n"]), seed)
+    if "n" in args:
+        chosen = _sample(split, int(args["n"]), seed)
+    else:
+        chosen = list(problems(split))
+        random.Random(seed).shuffle(chosen)
     return [{"prompt": [{"role": "user", "content": question(a, op, b, rng)}], "answer": str(c),
              "problem": f"{a} {op} {b}"} for a, op, b, c in chosen]
 

@@ -50,7 +50,7 @@ def test_unknown_task_lists_the_valid_names():
 def test_every_registered_task_has_a_spec_and_valid_defaults():
     get_task("gsm8k", "eval")  # loads every provider
     assert EVAL_TASKS.names() == sorted([
-        "calibration", "demo_accuracy", "diversity", "gsm8k", "humaneval", "ifeval", "math500", "mbpp",
+        "calibration", "demo_accuracy", "demo_sampled_accuracy", "diversity", "gsm8k", "humaneval", "ifeval", "math500", "mbpp",
         "perplexity", "prm_localisation", "response_length", "reward_hacking", "rm_accuracy", "rm_best_of_n",
         "rm_bias_probes", "win_rate", "xstest"])
     needs_an_option = {"win_rate"}  # the judge has no default

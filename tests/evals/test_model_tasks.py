@@ -119,4 +119,42 @@ def test_response_length_and_demo_accuracy(eval_ctx, scripted):
     assert result.metrics["response_length_tokens"] <= 5 and result.metrics["response_length_n"] == 3
     demo = _run(eval_ctx, task="demo_accuracy", limit=3, max_new_tokens=4)
     assert set(demo.metrics) == {"demo_accuracy", "demo_accuracy_n"}
-    assert all(r["scores"] == {"demo_accuracy": float(r["correct"])} for r in demo.records)
+    assert all(r["scores"] == {"demo_accuracy": float(r["correct"][0])} for r in demo.records)
+
+
+def test_demo_sampled_accuracy_is_the_mean_over_every_sample(eval_ctx, monkeypatch):
+    """Problem i gets i of its 4 samples right (i = 0..3): per-problem scores i / 4, metric 6 / 16."""
+    import posttrain.evals.demo_world as demo_world
+    from posttrain.demo.world import worked
+    from posttrain.types import Rollout
+
+    rows = load_dataset(demo_world.DEFAULT_DATA, where="d").examples[:4]
+    seen = {}
+
+    class Scripted:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompts, params):
+            seen.update(n=params.n, temperature=params.temperature, seed=params.seed)
+            out = []
+            for i, row in enumerate(rows):
+                a, op, b = row.extra["problem"].split()
+                right = worked(int(a), op, int(b), int(row.answer))
+                for j in range(params.n):
+                    out.append(Rollout(prompt_ids=prompts[i], completion_ids=[1], logprobs=[0.0], finish_reason="stop",
+                                       text=right if j < i else right + " 1", prompt_index=i, sample_index=j))
+            return out
+
+    monkeypatch.setattr(demo_world, "HFSampler", Scripted)
+    result = _run(eval_ctx, task="demo_sampled_accuracy", limit=4, options={"seed": 7})
+    assert seen == {"n": 4, "temperature": 1.0, "seed": 7}
+    assert result.metrics == {"demo_sampled_accuracy": 6 / 16, "demo_sampled_accuracy_n": 4.0}
+    assert [r["scores"]["demo_sampled_accuracy"] for r in result.records] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_demo_sampled_accuracy_near_temperature_zero_is_the_greedy_accuracy(eval_ctx):
+    greedy = _run(eval_ctx, task="demo_accuracy", limit=6, max_new_tokens=6)
+    cold = _run(eval_ctx, task="demo_sampled_accuracy", limit=6, max_new_tokens=6,
+                options={"n": 2, "temperature": 1e-4})
+    assert [r["completions"] * 2 for r in greedy.records] == [r["completions"] for r in cold.records]
