@@ -92,22 +92,44 @@ def data_fingerprints(stage: StageConfig, recipe: Recipe) -> dict[str, str]:
 
 
 def model_fingerprint(stage: StageConfig, recipe: Recipe) -> str | None:
-    """What a local ``model.path`` holds: another pipeline's artifact key (so a recipe built on
-    ``../runs/demo`` re-runs when that pipeline's head moves), or the names, sizes and times of a
-    save_pretrained folder's files. None for hub ids and tiny models (their config is the key)."""
+    """What a local ``model.path`` holds (see ``folder_fingerprint``). None for hub ids and tiny
+    models (their config is the key)."""
     path_spec = stage.model.path if stage.model is not None else None
-    if not path_spec:
-        return None
+    return folder_fingerprint(path_spec, recipe.base_dir) if path_spec else None
+
+
+def weight_fingerprints(stage: StageConfig, recipe: Recipe) -> dict[str, str | None]:
+    """What the other model folders a stage reads hold: reward models (``rewards.N.path``, an
+    ensemble's ``rewards.N.paths``) and a PPO critic's ``critic.path``. Without them a retrained
+    reward model saved to the same folder would leave the stage's cached output in place."""
+    found: dict[str, str | None] = {}
+    for i, reward in enumerate(getattr(stage, "rewards", None) or []):
+        paths = reward.params().get("paths")
+        specs = ([("path", reward.path)] if reward.path else []) + [
+            (f"paths.{j}", p) for j, p in enumerate(paths if isinstance(paths, list) else [])]
+        for name, spec in specs:
+            found[f"rewards.{i}.{name}"] = folder_fingerprint(str(spec), recipe.base_dir)
+    critic = getattr(stage, "critic", None)
+    if critic is not None and critic.path:
+        found["critic.path"] = folder_fingerprint(critic.path, recipe.base_dir)
+    return found
+
+
+def folder_fingerprint(path_spec: str, base_dir: Path) -> str | None:
+    """Another pipeline's artifact key when ``path_spec`` is a workdir (so a recipe built on
+    ``../runs/demo`` re-runs when that pipeline's head moves), else the relative names, sizes and
+    modification times (ns) of the folder's files; None for what is not a local folder (a hub id)."""
     from posttrain.models.load import resolve_local
     from posttrain.stages.common import pipeline_artifact
 
-    artifact = pipeline_artifact(path_spec, recipe.base_dir)
+    artifact = pipeline_artifact(path_spec, base_dir)
     if artifact is not None:
         return f"artifact:{artifact.name}"
-    path = resolve_local(path_spec, recipe.base_dir)
+    path = resolve_local(path_spec, base_dir)
     if path is None or not path.is_dir():
         return None
-    stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(path.iterdir()) if f.is_file()]
+    stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+             for f in sorted(path.rglob("*")) if f.is_file()]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
@@ -121,7 +143,8 @@ def _fingerprint(cfg: DataConfig, recipe: Recipe) -> str:
 
 
 def stage_key(stage: StageConfig, recipe: Recipe, parent_keys: dict[str, str]) -> str:
-    """hash(resolved stage config, parent artifact keys, data fingerprints, seed, code version)."""
+    """hash(resolved stage config, parent artifact keys, data and model-folder fingerprints, seed, code
+    version)."""
     payload = {
         "config": key_config(stage),
         "parents": parent_keys,
@@ -130,6 +153,9 @@ def stage_key(stage: StageConfig, recipe: Recipe, parent_keys: dict[str, str]) -
         "seed": recipe.seed,
         "code": code_version(),
     }
+    weights = weight_fingerprints(stage, recipe)
+    if weights:  # only then: stages without such folders keep the keys they had
+        payload["weights"] = weights
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
 
 

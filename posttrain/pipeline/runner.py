@@ -123,8 +123,9 @@ def _runner(recipe: Recipe, name: str) -> StageRunner:
 
 
 def _waits_for_data(recipe: Recipe, name: str, workdir: Path, keys: dict[str, str]) -> bool:
-    """True when the stage reads a dataset another stage has not produced yet."""
-    return any(kind == "dataset" and not artifact_for(workdir, parent, keys[parent]).complete
+    """True when the stage reads, while it is prepared, a dataset or a reward model another stage
+    has not produced yet (a ``from`` model is only loaded when the stage runs)."""
+    return any(kind != "model" and not artifact_for(workdir, parent, keys[parent]).complete
                for _, parent, kind in recipe.stages[name].references())
 
 

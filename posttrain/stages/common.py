@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from posttrain.config.components import DataConfig, ModelConfig
 from posttrain.config.recipe import Recipe
 from posttrain.config.stages import StageConfig
+from posttrain.config.stages.data import RewardSpec
 from posttrain.data.formats import Dataset, load_dataset
 from posttrain.errors import UserError, problem
 from posttrain.evals.base import EvalContext, run_evals
@@ -29,6 +30,7 @@ from posttrain.models.load import (
     save_model,
 )
 from posttrain.registry import Registry
+from posttrain.rewards.base import Scorer, build_scorer
 
 
 @dataclass
@@ -238,3 +240,25 @@ def evaluate(ctx: StageContext, model: torch.nn.Module, tokenizer: PreTrainedTok
                 f.write(json.dumps(record, default=str) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def reward_scorers(ctx: StageContext, rewards: list[RewardSpec]) -> tuple[dict[str, Scorer], dict[str, float]]:
+    """A stage's rewards by name (a repeated name gets ``_2``, ``_3``, ...) and their weights. A
+    reward model named by stage (``from``) is read from that stage's artifact."""
+    seen: dict[str, int] = {}
+    names = []
+    for r in rewards:
+        base = r.name.split(":")[-1]
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    scorers = {}
+    for i, (name, r) in enumerate(zip(names, rewards)):
+        where, path = f"{ctx.where}.rewards.{i}", r.path
+        if r.from_:
+            folder = ctx.parents.get(r.from_)
+            if folder is None:
+                raise UserError(problem(f"{where}.from", f"stage {r.from_!r} has no artifact yet",
+                                        "run the pipeline from that stage"))
+            path = str(folder)
+        scorers[name] = build_scorer(r.name, r.params(), where=where, path=path, base_dir=ctx.recipe.base_dir)
+    return scorers, {n: r.weight for n, r in zip(names, rewards)}

@@ -20,9 +20,9 @@ from posttrain.data.formats import DATASET_FILE, read_rows
 from posttrain.data.render import render_prompt
 from posttrain.errors import UserError, problem
 from posttrain.loops.state import crash_point
-from posttrain.rewards.base import Scorer, build_scorer, combine
+from posttrain.rewards.base import Scorer, combine
 from posttrain.rollout.hf import HFSampler, SamplingParams
-from posttrain.stages.common import StageContext, StageOutput, stage_tokenizer, starting_model
+from posttrain.stages.common import StageContext, StageOutput, reward_scorers, stage_tokenizer, starting_model
 from posttrain.types import RowSource
 
 
@@ -112,23 +112,10 @@ class PreparedScore:
     weights: dict[str, float]
 
 
-def _unique_names(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
-    return out
-
-
 class ScoreRunner:
     def prepare(self, ctx: StageContext) -> PreparedScore:
         cfg: ScoreStage = ctx.config
-        names = _unique_names([r.name.split(":")[-1] for r in cfg.rewards])
-        scorers = {n: build_scorer(r.name, r.params(), where=f"{ctx.where}.rewards.{i}", path=r.path,
-                                   base_dir=ctx.recipe.base_dir)
-                   for i, (n, r) in enumerate(zip(names, cfg.rewards))}
-        weights = {n: r.weight for n, r in zip(names, cfg.rewards)}
+        scorers, weights = reward_scorers(ctx, cfg.rewards)
         return PreparedScore(_rows(ctx), scorers, weights)
 
     def describe(self, ctx: StageContext, prepared: PreparedScore) -> dict[str, Any]:

@@ -21,12 +21,13 @@ from posttrain.losses.aggregation import AGGREGATIONS
 from posttrain.losses.policy import POLICY_LOSSES
 from posttrain.models.load import is_peft
 from posttrain.registry import keyword_parameters
-from posttrain.rewards.base import Scorer, build_scorer, combine
+from posttrain.rewards.base import Scorer, combine
 from posttrain.rollout.engines import build_sampler, sampling_params
 from posttrain.stages.common import (
     StageContext,
     StageOutput,
     finish_model_stage,
+    reward_scorers,
     stage_tokenizer,
     starting_model,
 )
@@ -86,11 +87,8 @@ def prepare_online(ctx: StageContext, problems: list[Problem]) -> PreparedOnline
             raise UserError(problem(str(src), f"prompt of {len(ids)} tokens > train.max_prompt_length "
                                     f"{cfg.train.max_prompt_length}", "raise it or drop the row"))
         prompts.append(PromptRow(i, ids, row))
-    names = [f"{r.name.split(':')[-1]}_{i}" if len(cfg.rewards) > 1 and [x.name for x in cfg.rewards].count(r.name) > 1
-             else r.name.split(":")[-1] for i, r in enumerate(cfg.rewards)]
-    scorers = {n: build_scorer(r.name, r.params(), where=f"{ctx.where}.rewards.{i}", path=r.path,
-                               base_dir=ctx.recipe.base_dir) for i, (n, r) in enumerate(zip(names, cfg.rewards))}
-    return PreparedOnline(tokenizer, prompts, scorers, {n: r.weight for n, r in zip(names, cfg.rewards)})
+    scorers, weights = reward_scorers(ctx, cfg.rewards)
+    return PreparedOnline(tokenizer, prompts, scorers, weights)
 
 
 def describe_online(ctx: StageContext, prepared: PreparedOnline) -> dict[str, Any]:

@@ -138,3 +138,72 @@ stages:
     direct = build_scorer("reward_model", {}, where="r", path=str(tmp_path / "rm"))(COMPLETIONS, rows)
     assert [r["rewards"]["reward_model"] for r in rows] == pytest.approx([d.score for d in direct], abs=1e-5)
     assert rows[0]["score"] == pytest.approx(rows[0]["rewards"]["reward_model"] + 0.5 * 1.0, abs=1e-5)
+
+    # The reward model's folder is part of the key: unchanged, the stage is cached; retrained and
+    # saved to the same path, the stage runs again and scores with the new weights.
+    def rerun() -> list[dict]:
+        assert main(["run", str(tmp_path / "recipe.yaml"), "--workdir", str(tmp_path / "w"), "--no-progress"]) == 0
+        events = [json.loads(line) for line in (tmp_path / "w" / "ledger.jsonl").read_text().splitlines()]
+        return [e for e in events if e.get("stage") == "scored"]
+
+    assert rerun()[-1]["event"] == "cached"
+    retrained = _rm(demo_tokenizer, tiny_model)
+    with torch.no_grad():
+        for parameter in retrained.parameters():
+            parameter.add_(0.05)
+    save_reward_model(retrained, demo_tokenizer, tmp_path / "rm")
+    assert rerun()[-1]["event"] != "cached"
+    rows = [json.loads(line) for line in sorted((tmp_path / "w" / "stages" / "scored").glob("*/data.jsonl"),
+                                                key=lambda f: f.stat().st_mtime)[-1].open()]
+    direct = build_scorer("reward_model", {}, where="r", path=str(tmp_path / "rm"))(COMPLETIONS, rows)
+    assert [r["rewards"]["reward_model"] for r in rows] == pytest.approx([d.score for d in direct], abs=1e-5)
+
+
+RM_RECIPE = """\
+name: s
+stages:
+  base:
+    kind: sft
+    model:
+      tokenizer: builtin:demo
+      tiny: {hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}
+    data: {builtin: demo.sft, args: {n: 16}}
+    train: {lr: 1e-3, global_batch_size: 8, micro_batch_size: 8, max_length: 96, checkpoint_every: 0}
+  rm:
+    kind: reward_model
+    from: base
+    data: {builtin: demo.pairs, args: {n: 8}}
+    train: {lr: 1e-3, global_batch_size: 8, micro_batch_size: 8, max_length: 96, checkpoint_every: 0}
+  samples:
+    kind: generate
+    from: base
+    data: {builtin: demo.prompts, args: {n: 3}}
+    sampling: {n: 2, max_new_tokens: 8}
+  scored:
+    kind: score
+    data: {stage: samples}
+    rewards: [REWARD]
+"""
+
+
+def test_a_score_stage_uses_a_reward_model_stage_of_the_recipe(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RM_RECIPE.replace("REWARD", "{name: reward_model, from: rm}"))
+    assert main(["run", str(recipe), "--workdir", str(tmp_path / "w"), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in next((tmp_path / "w" / "stages" / "scored").glob("*/data.jsonl")).open()]
+    rm_folder = next((tmp_path / "w" / "stages" / "rm").glob("*/manifest.json")).parent
+    direct = build_scorer("reward_model", {}, where="r", path=str(rm_folder))([r["completion"] for r in rows], rows)
+    assert len(rows) == 6
+    assert [r["rewards"]["reward_model"] for r in rows] == pytest.approx([d.score for d in direct], abs=1e-5)
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("{name: reward_model, from: samples}", "stages.scored.rewards.0.from"),
+    ("{name: reward_model, from: nowhere}", "stages.scored.rewards.0.from"),
+    ("{name: reward_model, from: rm, path: rm}", "set path or from, not both"),
+])
+def test_a_reward_from_a_stage_must_name_a_reward_model_stage(tmp_path, capsys, reward, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RM_RECIPE.replace("REWARD", reward))
+    assert main(["validate", str(recipe)]) == 2
+    assert message in capsys.readouterr().err

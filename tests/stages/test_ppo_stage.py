@@ -146,6 +146,21 @@ def test_critic_from_a_reward_model_stage_of_the_recipe(tmp_path):
     torch.testing.assert_close(critic.score.weight, rm.score.weight, atol=1e-6, rtol=0)
 
 
+def test_reward_from_a_reward_model_stage_of_the_recipe(tmp_path):
+    """rewards: [{name: reward_model, from: rm}]: the RM stage runs first and scores the rollouts."""
+    rm_stage = ("  rm:\n    kind: reward_model\n    from: base\n    data: {builtin: demo.pairs, args: {n: 8}}\n"
+                "    train: {lr: 1e-3, global_batch_size: 8, micro_batch_size: 8, max_length: 96, checkpoint_every: 0}\n")
+    text = _recipe(tmp_path, steps=1).read_text().replace(
+        "rewards: [{name: math}, {name: length, target_length: 5, length_scale: 200, weight: 0.5}]",
+        "rewards: [{name: reward_model, from: rm}]")
+    (tmp_path / "recipe.yaml").write_text(text.replace("  rl:\n", rm_stage + "  rl:\n"))
+    assert _run_cli(tmp_path / "recipe.yaml", tmp_path / "w") == 0
+    [step] = [m for m in _metrics(tmp_path / "w") if "reward_mean" in m]
+    assert step["reward/reward_model"] == pytest.approx(step["reward_mean"]) and step["reward_std"] > 0
+    manifest = json.loads((_artifact(tmp_path / "w") / "manifest.json").read_text())
+    assert _artifact(tmp_path / "w", "rm").name in json.dumps(manifest["parents"])
+
+
 def test_config_mistakes_name_their_yaml_paths(tmp_path, capsys):
     extra = ("    critic: {from: base, lr: 1e-4, vf_coef: 0.5}\n    critic_warmup_steps: 9\n    value_clip: 0\n"
              "    kl: {placement: everywhere}\n    loss: {name: ppo_clip, epsilon: 0.2}\n")

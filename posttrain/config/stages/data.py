@@ -28,11 +28,24 @@ class SamplingConfig(StrictModel):
 
 class RewardSpec(NamedSpec):
     """A named reward: a verifier kind (math, code, ifeval, json, regex, ...), a reward model, or
-    ``package.module:function``. Keys other than name/weight/path are the reward's parameters and
-    are added to every row it scores (e.g. ``strict: true`` for math)."""
+    ``package.module:function``. Keys other than name/weight/path/from are the reward's parameters
+    and are added to every row it scores (e.g. ``strict: true`` for math)."""
 
     weight: float = Field(1.0, description="weight in the combined score")
-    path: str | None = Field(None, description="a reward model's folder (for name: reward_model)")
+    path: str | None = Field(None, description="a reward model's folder (for name: reward_model or prm)")
+    from_: str | None = Field(None, alias="from", description="a reward_model or prm stage of this recipe "
+                              "whose model scores (instead of path); it runs first")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if self.path and self.from_:
+            raise ValueError("set path or from, not both; fix: remove one")
+        return self
+
+
+def reward_references(rewards: list[RewardSpec]) -> list[tuple[str, str, str]]:
+    """``StageConfig.references`` entries of the reward models named by stage."""
+    return [(f"rewards.{i}.from", r.from_, "reward_model") for i, r in enumerate(rewards) if r.from_]
 
 
 class DataStage(StageConfig):
@@ -55,6 +68,9 @@ class ScoreStage(DataStage):
     kind: Literal["score"]
     data: DataConfig = Field(description="rows with prompt and completion, e.g. {stage: generate}")
     rewards: list[RewardSpec] = Field(min_length=1)
+
+    def references(self) -> list[tuple[str, str, str]]:
+        return super().references() + reward_references(self.rewards)
 
 
 class SelectStage(DataStage):

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from posttrain.config.base import StrictModel
 from posttrain.config.components import DataConfig, NamedSpec, OptimConfig
 from posttrain.config.stage_base import STAGE_KINDS, StageConfig
-from posttrain.config.stages.data import RewardSpec, SamplingConfig
+from posttrain.config.stages.data import RewardSpec, SamplingConfig, reward_references
 
 
 class VLLMEngineConfig(StrictModel):
@@ -111,6 +111,9 @@ class OnlineStage(StageConfig):
     tis_cap: float | None = Field(None, gt=0, description="truncated importance sampling cap C (sampler mismatch)")
     health: HealthConfig = Field(default_factory=HealthConfig)
     train: RLTrainConfig = Field(default_factory=lambda: RLTrainConfig(lr=1e-6))
+
+    def references(self) -> list[tuple[str, str, str]]:
+        return super().references() + reward_references(self.rewards)
 
 
 class GRPOStage(OnlineStage):
