@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_recipes import tiny_sft_base
 
 from posttrain.cli import main
 from posttrain.data.render import render_prompt_completion
@@ -159,16 +160,7 @@ stages:
     assert [r["rewards"]["reward_model"] for r in rows] == pytest.approx([d.score for d in direct], abs=1e-5)
 
 
-RM_RECIPE = """\
-name: s
-stages:
-  base:
-    kind: sft
-    model:
-      tokenizer: builtin:demo
-      tiny: {hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}
-    data: {builtin: demo.sft, args: {n: 16}}
-    train: {lr: 1e-3, global_batch_size: 8, micro_batch_size: 8, max_length: 96, checkpoint_every: 0}
+RM_RECIPE = tiny_sft_base("s", n=16, batch=8) + """\
   rm:
     kind: reward_model
     from: base

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_recipes import tiny_sft_base
 
 from posttrain.cli import main
 from posttrain.config.recipe import load_recipe
@@ -22,17 +23,8 @@ from posttrain.rollout.vllm import VLLMSampler
 
 REPO = Path(__file__).resolve().parents[2]
 
+BASE = tiny_sft_base("engines", n=16, lr="3e-3", batch=8)
 RECIPE = """\
-name: engines
-seed: 0
-stages:
-  base:
-    kind: sft
-    model:
-      tokenizer: builtin:demo
-      tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}}
-    data: {{builtin: demo.sft, args: {{n: 16}}}}
-    train: {{lr: 3e-3, global_batch_size: 8, micro_batch_size: 8, max_length: 96, checkpoint_every: 0}}
   rl:
     kind: {kind}
     from: base
@@ -45,7 +37,7 @@ stages:
 
 def _recipe(tmp_path: Path, sampling: str = "{n: 2, max_new_tokens: 8}", kind: str = "grpo") -> Path:
     path = tmp_path / f"{kind}.yaml"
-    path.write_text(RECIPE.format(sampling=sampling, kind=kind))
+    path.write_text(BASE + RECIPE.format(sampling=sampling, kind=kind))
     return path
 
 

@@ -11,20 +11,12 @@ import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
+from tiny_recipes import tiny_sft_base
 
 from posttrain.cli import main
 
-BASE = """\
-name: rl
-seed: 0
-stages:
-  base:
-    kind: sft
-    model:
-      tokenizer: builtin:demo
-      tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}}
-    data: {{builtin: demo.sft, args: {{n: 64}}}}
-    train: {{lr: 3e-3, global_batch_size: 16, micro_batch_size: 16, max_length: 96, checkpoint_every: 0}}
+BASE = tiny_sft_base("rl", n=64, lr="3e-3")
+RL = """\
   rl:
     kind: grpo
     from: base
@@ -39,7 +31,7 @@ REWARDS = "{name: math}, {name: length, target_length: 5, length_scale: 200, wei
 
 def _recipe(tmp_path: Path, *, rewards=REWARDS, tokens=24, steps=3, micro=16, extra="") -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(BASE.format(rewards=rewards, tokens=tokens, steps=steps, micro=micro, extra=extra))
+    path.write_text(BASE + RL.format(rewards=rewards, tokens=tokens, steps=steps, micro=micro, extra=extra))
     return path
 
 

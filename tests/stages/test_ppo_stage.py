@@ -14,21 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_recipes import tiny_sft_base
 
 from posttrain.cli import main
 from posttrain.models.heads import RewardModel, load_reward_model, save_reward_model
 
-BASE = """\
-name: rl
-seed: 0
-stages:
-  base:
-    kind: sft
-    model:
-      tokenizer: builtin:demo
-      tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}}
-    data: {{builtin: demo.sft, args: {{n: 64}}}}
-    train: {{lr: 3e-3, global_batch_size: 16, micro_batch_size: 16, max_length: 96, checkpoint_every: 0}}
+BASE = tiny_sft_base("rl", n=64, lr="3e-3")
+RL = """\
   rl:
     kind: ppo
     from: base
@@ -42,7 +34,7 @@ stages:
 
 def _recipe(tmp_path: Path, *, steps: int = 3, extra: str = "") -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(BASE.format(steps=steps, extra=extra))
+    path.write_text(BASE + RL.format(steps=steps, extra=extra))
     return path
 
 

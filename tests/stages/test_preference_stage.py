@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from tiny_recipes import tiny_sft_base
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from posttrain.cli import main
@@ -148,17 +149,8 @@ def test_length_bias_alarm():
 
 # ------------------------------------------------------------------ through the CLI
 
+BASE = tiny_sft_base("pref", n=32)
 RECIPE = """\
-name: pref
-seed: 0
-stages:
-  base:
-    kind: sft
-    model:
-      tokenizer: builtin:demo
-      tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}}
-    data: {{builtin: demo.sft, args: {{n: 32}}}}
-    train: {{lr: 1e-3, global_batch_size: 16, micro_batch_size: 16, max_length: 96, checkpoint_every: 0}}
   dpo:
     kind: preference
     from: base
@@ -171,7 +163,7 @@ stages:
 def _run(tmp_path: Path, overrides=(), data="{builtin: demo.pairs, args: {n: 32}}", loss="{name: dpo, beta: 0.1}",
          extra="", workdir="work") -> tuple[int, Path]:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(data=data, loss=loss, extra=extra))
+    recipe.write_text(BASE + RECIPE.format(data=data, loss=loss, extra=extra))
     args = ["run", str(recipe), "--workdir", str(tmp_path / workdir), "--no-progress"]
     for o in overrides:
         args += ["--set", o]
@@ -233,8 +225,8 @@ def test_bad_pairs_fail_naming_the_row_or_are_dropped_and_counted(tmp_path, caps
 
 def test_kto_stage_runs_and_reports_z0(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(data="{builtin: demo.pairs, args: {n: 16}}", loss="{name: dpo}", extra="").replace(
-        "  dpo:\n    kind: preference", "  dpo:\n    kind: preference").rstrip() + """
+    recipe.write_text(BASE + RECIPE.format(data="{builtin: demo.pairs, args: {n: 16}}", loss="{name: dpo}",
+                                           extra="").rstrip() + """
   kto:
     kind: kto
     from: base

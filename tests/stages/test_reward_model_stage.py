@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from tiny_recipes import tiny_sft_base
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
@@ -220,17 +221,8 @@ def test_paired_prm_rows_hold_each_problem_right_then_wrong():
 
 # ------------------------------------------------------------------ through the CLI
 
+BASE = tiny_sft_base("rm", n=16)
 RECIPE = """\
-name: rm
-seed: 0
-stages:
-  base:
-    kind: sft
-    model:
-      tokenizer: builtin:demo
-      tiny: {{hidden_size: 32, num_layers: 2, num_heads: 4, intermediate_size: 64, max_position_embeddings: 128}}
-    data: {{builtin: demo.sft, args: {{n: 16}}}}
-    train: {{lr: 1e-3, global_batch_size: 16, micro_batch_size: 16, max_length: 96, checkpoint_every: 0}}
   rm:
     kind: reward_model
     from: base
@@ -241,7 +233,7 @@ stages:
 
 def _run(tmp_path: Path, body: str, extra: str = "", command: str = "run") -> tuple[int, Path]:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(body=body, extra=extra))
+    recipe.write_text(BASE + RECIPE.format(body=body, extra=extra))
     work = tmp_path / "work"
     args = [command, str(recipe)] + (["--workdir", str(work), "--no-progress"] if command == "run" else [])
     return main(args), work
@@ -385,8 +377,7 @@ def test_prm_labels_are_the_share_of_continuations_that_reach_the_answer(tmp_pat
 
     monkeypatch.setattr(prm_stage, "HFSampler", OracleSampler)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(body="    data: {builtin: demo.pairs, args: {n: 8}}", extra="").split("  rm:")[0]
-                      + f"""  labels:
+    recipe.write_text(BASE + f"""  labels:
     kind: prm_labels
     from: base
     data: {{builtin: demo.prm, args: {{n: 24}}}}
@@ -413,7 +404,7 @@ def test_prm_stage_trains_on_induced_labels_and_reports_localisation(tmp_path, m
 
     monkeypatch.setattr(prm_stage, "HFSampler", OracleSampler)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(body="", extra="").split("  rm:")[0] + """  labels:
+    recipe.write_text(BASE + """  labels:
     kind: prm_labels
     from: base
     data: {builtin: demo.prm, args: {n: 16}}
@@ -502,7 +493,7 @@ def test_tiny_reward_model_ranks_held_out_correct_answers_above_wrong_ones(tmp_p
 def test_prm_labels_rows_the_verifier_cannot_read_fail_before_sampling(tmp_path, write_jsonl, capsys):
     write_jsonl(tmp_path / "s.jsonl", [{"prompt": "What is 1 + 1?", "completion": "1 + 1 = 2."}])
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE.format(body="", extra="").split("  rm:")[0] + """  labels:
+    recipe.write_text(BASE + """  labels:
     kind: prm_labels
     from: base
     data: {path: s.jsonl}
