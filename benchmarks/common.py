@@ -189,6 +189,29 @@ def peer_timings(train_wall: float, train_cpu: float, ends: list[float], cpu_end
             "median_step_cpu_s": median_interval(cpu_ends, warmup)}
 
 
+class PeerClock:
+    """Times a TRL trainer as ours is timed: each step (``callback()``, added to the trainer's
+    callbacks), and the whole ``train()`` call, wall and process CPU."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.ends: list[float] = []
+        self.cpu_ends: list[float] = []
+        self.wall = self.cpu = 0.0
+
+    def callback(self):
+        return trl_step_timer(self.times, self.ends, self.cpu_ends)
+
+    def train(self, trainer) -> None:
+        began, began_cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        self.wall, self.cpu = time.perf_counter() - began, time.process_time() - began_cpu
+
+    def report(self, tokens_per_step: list[int], warmup: int, extra: dict[str, Any] | None = None) -> None:
+        report_child(self.times, tokens_per_step, warmup,
+                     {**(extra or {}), **peer_timings(self.wall, self.cpu, self.ends, self.cpu_ends, warmup)})
+
+
 def run_our_stage(recipe_text: str, stage: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run a one-stage recipe through the real pipeline in a fresh workdir (so nothing is cached).
 
@@ -427,3 +450,19 @@ def compare(name: str, script: Path, args: argparse.Namespace, rate_key: str,
                 "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                 "workload": {size: describe(size) for size in args.sizes.split(",")}},
     }
+
+
+def bench_main(name: str, script: Path, run_ours: Callable[[str, int, int], None],
+               run_peer: Callable[[str, int, int], None], prepare: Callable[[Path, int], Any],
+               rate_key: str, describe: Callable[[str], dict[str, Any]], also: tuple[str, ...] = ()) -> None:
+    """A benchmark script's entry point: one side's child run (``--child ours|peer``), or the
+    comparison (``prepare(workload folder, steps)`` writes the workload first, then ``compare``)."""
+    args = child_args()
+    steps = args.steps + args.warmup
+    if args.child == "ours":
+        run_ours(args.size, steps, args.warmup)
+    elif args.child == "peer":
+        run_peer(args.size, steps, args.warmup)
+    else:
+        prepare(workload_dir(), steps)
+        print(json.dumps(compare(name, script, args, rate_key, describe, also=also)))

@@ -29,18 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TIMING_KEYS,
+    PeerClock,
     Stopwatch,
+    bench_main,
     check_peer_defaults,
-    child_args,
-    compare,
     gsm8k_questions,
     our_timings,
     peer_config,
-    peer_timings,
     report_child,
     run_our_stage,
     setup_child,
-    trl_step_timer,
     workload_dir,
     write_jsonl,
 )
@@ -113,9 +111,7 @@ def run_peer(size: str, steps: int, warmup: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder / size)
     rows = [{"prompt": tokenizer.bos_token + r["prompt"]} for r in rows]
     model = AutoModelForCausalLM.from_pretrained(folder / size, dtype=torch.float32)
-    times: list[float] = []
-    ends: list[float] = []
-    cpu_ends: list[float] = []
+    clock = PeerClock()
     tokens: list[int] = []
     rewards: list[float] = []
 
@@ -127,14 +123,11 @@ def run_peer(size: str, steps: int, warmup: int) -> None:
 
     config = GRPOConfig(output_dir=tempfile.mkdtemp(), **peer_config(PEER_OVERRIDES, steps))
     trainer = GRPOTrainer(model=model, reward_funcs=[digit_share], args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[trl_step_timer(times, ends, cpu_ends)])
+                          processing_class=tokenizer, callbacks=[clock.callback()])
     check_peer_defaults(config, PEER_DEFAULTS_KEPT)
     setup_s = time.perf_counter() - began
-    began, began_cpu = time.perf_counter(), time.process_time()
-    trainer.train()
-    wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu
-    report_child(times, tokens, warmup, {"setup_s": setup_s, "reward_mean": sum(rewards) / len(rewards),
-                                         **peer_timings(wall, cpu, ends, cpu_ends, warmup)})
+    clock.train(trainer)
+    clock.report(tokens, warmup, {"setup_s": setup_s, "reward_mean": sum(rewards) / len(rewards)})
 
 
 def describe(size: str) -> dict:
@@ -146,14 +139,7 @@ def describe(size: str) -> dict:
 
 
 def main() -> None:
-    args = child_args()
-    if args.child == "ours":
-        run_ours(args.size, args.steps + args.warmup, args.warmup)
-    elif args.child == "peer":
-        run_peer(args.size, args.steps + args.warmup, args.warmup)
-    else:
-        _data(workload_dir(), args.steps + args.warmup)
-        print(json.dumps(compare("grpo", Path(__file__), args, "steps_per_s", describe, also=TIMING_KEYS)))
+    bench_main("grpo", Path(__file__), run_ours, run_peer, _data, "steps_per_s", describe, also=TIMING_KEYS)
 
 
 if __name__ == "__main__":

@@ -28,18 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TIMING_KEYS,
+    PeerClock,
     Stopwatch,
+    bench_main,
     check_peer_defaults,
-    child_args,
-    compare,
     hh_triples,
     our_timings,
     peer_config,
-    peer_timings,
     report_child,
     run_our_stage,
     setup_child,
-    trl_step_timer,
     workload_dir,
     write_jsonl,
 )
@@ -105,22 +103,17 @@ def run_peer(size: str, steps: int, warmup: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder / size)
     rows = [{**r, "prompt": tokenizer.bos_token + r["prompt"]} for r in rows]
     model = AutoModelForCausalLM.from_pretrained(folder / size, dtype=torch.float32)
-    times: list[float] = []
-    ends: list[float] = []
-    cpu_ends: list[float] = []
+    clock = PeerClock()
     config = KTOConfig(output_dir=tempfile.mkdtemp(), **peer_config(PEER_OVERRIDES, steps))
     trainer = KTOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[trl_step_timer(times, ends, cpu_ends)])
+                         callbacks=[clock.callback()])
     check_peer_defaults(config, PEER_DEFAULTS_KEPT)
     data = trainer.train_dataset
     lengths = [len(p) + len(c) for p, c in zip(data["prompt_ids"], data["completion_ids"])]
     setup_s = time.perf_counter() - began
-    began, began_cpu = time.perf_counter(), time.process_time()
-    trainer.train()
-    wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu
-    tokens = [sum(lengths[i * ROWS : (i + 1) * ROWS]) for i in range(steps)]
-    report_child(times, tokens, warmup, {"reference_s": 0.0, "setup_s": setup_s,
-                                         **peer_timings(wall, cpu, ends, cpu_ends, warmup)})
+    clock.train(trainer)
+    clock.report([sum(lengths[i * ROWS : (i + 1) * ROWS]) for i in range(steps)], warmup,
+                 {"reference_s": 0.0, "setup_s": setup_s})
 
 
 def describe(size: str) -> dict:
@@ -131,14 +124,7 @@ def describe(size: str) -> dict:
 
 
 def main() -> None:
-    args = child_args()
-    if args.child == "ours":
-        run_ours(args.size, args.steps + args.warmup, args.warmup)
-    elif args.child == "peer":
-        run_peer(args.size, args.steps + args.warmup, args.warmup)
-    else:
-        _data(workload_dir(), args.steps + args.warmup)
-        print(json.dumps(compare("kto", Path(__file__), args, "steps_per_s", describe, also=TIMING_KEYS)))
+    bench_main("kto", Path(__file__), run_ours, run_peer, _data, "steps_per_s", describe, also=TIMING_KEYS)
 
 
 if __name__ == "__main__":

@@ -24,24 +24,21 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TIMING_KEYS,
+    PeerClock,
     Stopwatch,
+    bench_main,
     check_peer_defaults,
-    child_args,
-    compare,
     hh_triples,
     our_timings,
     peer_config,
-    peer_timings,
     report_child,
     run_our_stage,
     setup_child,
-    trl_step_timer,
     workload_dir,
     write_jsonl,
 )
@@ -111,22 +108,17 @@ def run_peer(size: str, steps: int, warmup: int) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(folder / size, num_labels=1, dtype=torch.float32)
     with torch.no_grad():
         model.score.weight.copy_(head_weight(model.config.hidden_size, model.config.initializer_range))
-    times: list[float] = []
-    ends: list[float] = []
-    cpu_ends: list[float] = []
+    clock = PeerClock()
     config = RewardConfig(output_dir=tempfile.mkdtemp(), **peer_config(PEER_OVERRIDES, steps))
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                            callbacks=[trl_step_timer(times, ends, cpu_ends)])
+                            callbacks=[clock.callback()])
     check_peer_defaults(config, PEER_DEFAULTS_KEPT)
     data = trainer.train_dataset
     if len(data) != len(rows):
         raise RuntimeError(f"TRL dropped {len(rows) - len(data)} pairs; the workload must fit max_length")
     lengths = [len(c) + len(r) for c, r in zip(data["chosen_ids"], data["rejected_ids"])]
-    began, began_cpu = time.perf_counter(), time.process_time()
-    trainer.train()
-    wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu
-    tokens = [sum(lengths[i * PAIRS : (i + 1) * PAIRS]) for i in range(steps)]
-    report_child(times, tokens, warmup, peer_timings(wall, cpu, ends, cpu_ends, warmup))
+    clock.train(trainer)
+    clock.report([sum(lengths[i * PAIRS : (i + 1) * PAIRS]) for i in range(steps)], warmup)
 
 
 def describe(size: str) -> dict:
@@ -136,14 +128,7 @@ def describe(size: str) -> dict:
 
 
 def main() -> None:
-    args = child_args()
-    if args.child == "ours":
-        run_ours(args.size, args.steps + args.warmup, args.warmup)
-    elif args.child == "peer":
-        run_peer(args.size, args.steps + args.warmup, args.warmup)
-    else:
-        _data(workload_dir(), args.steps + args.warmup)
-        print(json.dumps(compare("rm", Path(__file__), args, "tokens_per_s", describe, also=TIMING_KEYS)))
+    bench_main("rm", Path(__file__), run_ours, run_peer, _data, "tokens_per_s", describe, also=TIMING_KEYS)
 
 
 if __name__ == "__main__":

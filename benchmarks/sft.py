@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import child_args, compare, gsm8k_pairs, report_child, setup_child, workload_dir  # noqa: E402
+from common import (  # noqa: E402
+    bench_main,
+    gsm8k_pairs,
+    report_child,
+    setup_child,
+    workload_dir,
+)
 
 BATCH = 8
 LR = 1e-4
@@ -103,14 +109,7 @@ def describe(size: str) -> dict:
 
 
 def main() -> None:
-    args = child_args()
-    if args.child == "ours":
-        run_ours(args.size, args.steps + args.warmup, args.warmup)
-    elif args.child == "peer":
-        run_peer(args.size, args.steps + args.warmup, args.warmup)
-    else:
-        workload_dir()
-        print(json.dumps(compare("sft", Path(__file__), args, "tokens_per_s", describe)))
+    bench_main("sft", Path(__file__), run_ours, run_peer, lambda folder, steps: None, "tokens_per_s", describe)
 
 
 if __name__ == "__main__":
