@@ -75,7 +75,6 @@ def optimizer_step(model: torch.nn.Module, rollouts: list[Rollout], temperature:
 def check_sync(sampler, model, prompts, params, keys, before, pad_id) -> dict:
     old = copy.deepcopy(model)
     optimizer_step(model, before, params.temperature, pad_id)
-    sampler.version = 1  # the trainer moved on; the engine was not synced
     try:
         sampler.generate(prompts, params, keys)
         refused = False

@@ -28,8 +28,9 @@ trainer's current weights (LoRA adapters merged for the copy) with the vLLM mode
 ``llm_engine.model_executor.driver_worker.model_runner.model`` (TRL's colocate path); both need the
 engine core in this process, so ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set. Then the prefix cache
 is reset (its KV blocks were computed with the old weights) and ``engine_version`` recorded.
-``generate`` raises while ``engine_version`` is not ``version``, the trainer's policy version:
-a stale engine is an error, never a silent sample from old weights.
+``generate`` raises while ``engine_version`` is not ``version``, the trainer's policy version, or
+when the trainer's parameters have been updated in place (an optimizer step: torch's version
+counters moved) since the copy: a stale engine is an error, never a silent sample from old weights.
 
 Seeding: prompt ``key`` is one request seeded hash(seed, key); vLLM gives its n samples seeds
 seed + i (vllm/v1/engine/parallel_sampling.py). A prompt's samples so do not depend on which other
@@ -105,8 +106,17 @@ def require_logprobs_mode(mode: str, params: SamplingParams) -> None:
         raise ValueError(f"the vLLM engine reports {mode}, which are not the trainer's logprobs here: {why}")
 
 
-def require_fresh(engine_version: int | None, version: int) -> None:
-    """Raise unless the engine holds the weights of the trainer's current policy version."""
+def weight_updates(model: torch.nn.Module) -> int:
+    """How many in-place updates ``model``'s parameters have had (torch's per-tensor version
+    counters, which every optimizer step bumps): changed = the weights changed."""
+    return sum(p._version for p in model.parameters())
+
+
+def require_fresh(engine_version: int | None, version: int, synced_updates: int | None = None,
+                  updates: int | None = None) -> None:
+    """Raise unless the engine holds the weights of the trainer's current policy version, and the
+    trainer's weights have not been updated since they were copied (``synced_updates`` vs
+    ``updates``, from ``weight_updates``)."""
     if engine_version is None:
         raise RuntimeError("the vLLM engine holds no policy weights yet: call sync(model, version) first")
     if engine_version != version:
@@ -114,6 +124,11 @@ def require_fresh(engine_version: int | None, version: int) -> None:
             f"stale vLLM engine: it holds the weights of policy version {engine_version}, but the trainer is "
             f"at version {version}; call sync(model, {version}) after updating the policy (sampling now "
             "would train on rollouts of old weights)")
+    if synced_updates != updates:
+        raise RuntimeError(
+            f"stale vLLM engine: the trainer's weights changed since sync(model, {version}) copied them (an "
+            "optimizer step without a sync); call sync after updating the policy (sampling now would train "
+            "on rollouts of old weights)")
 
 
 def request_seed(seed: int, key: int) -> int:
@@ -284,16 +299,17 @@ class VLLMSampler:
                              enforce_eager=enforce_eager, max_model_len=max_model_len)
         self.version = 0
         self.engine_version: int | None = None
+        self.model, self.synced_updates = model, None
         self.sync(model, 0)
 
     @torch.no_grad()
     def sync(self, model: torch.nn.Module, version: int) -> None:
         """Load ``model``'s current weights into the engine as policy ``version``. The trainer's
         version moves first: should the load fail, the engine stays stale and ``generate`` refuses."""
-        self.version = version
+        self.version, self.model = version, model
         with policy_weights(model) as weights:
             load_into_engine(self.llm, weights)
-        self.engine_version = version
+        self.engine_version, self.synced_updates = version, weight_updates(model)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, keys: list[int] | None = None
                  ) -> list[Rollout]:
@@ -301,7 +317,7 @@ class VLLMSampler:
         become ``prompt_index``. Raises on a stale engine or on params whose logprobs the engine's
         mode does not report as ours."""
         keys = list(range(len(prompts))) if keys is None else list(keys)
-        require_fresh(self.engine_version, self.version)
+        require_fresh(self.engine_version, self.version, self.synced_updates, weight_updates(self.model))
         require_logprobs_mode(self.logprobs_mode, params)
         if not prompts:
             return []

@@ -16,7 +16,6 @@ from posttrain.errors import Problem
 from posttrain.loops.online import Algorithm, run_online
 from posttrain.losses.advantages import ADVANTAGE_ESTIMATORS
 from posttrain.monitoring.diagnostics import RLHealth
-from posttrain.rollout.engines import engine_problems
 from posttrain.stages.common import StageContext, StageOutput, stage_model
 from posttrain.stages.online import (
     PreparedOnline,
@@ -31,7 +30,7 @@ from posttrain.stages.online import (
 
 class GRPORunner:
     def check(self, cfg: GRPOStage, where: str) -> list[Problem]:
-        return check_algorithm(cfg, where) + engine_problems(cfg.sampling, f"{where}.sampling")
+        return check_algorithm(cfg, where)
 
     def prepare(self, ctx: StageContext) -> PreparedOnline:
         return prepare_online(ctx, self.check(ctx.config, ctx.where))

@@ -22,7 +22,7 @@ from posttrain.losses.policy import POLICY_LOSSES
 from posttrain.models.load import is_peft
 from posttrain.registry import keyword_parameters
 from posttrain.rewards.base import Scorer, combine
-from posttrain.rollout.engines import build_sampler, sampling_params
+from posttrain.rollout.engines import build_sampler, engine_problems, sampling_params
 from posttrain.stages.common import (
     StageContext,
     StageOutput,
@@ -35,7 +35,8 @@ from posttrain.stages.data import _rows
 
 
 def check_algorithm(cfg: OnlineStage, where: str, keys: tuple[str, ...] = ("advantage", "loss")) -> list[Problem]:
-    """Unknown estimator / loss / aggregation names and parameters they do not take."""
+    """Unknown estimator / loss / aggregation names and parameters they do not take, and a
+    rollout engine that cannot run here."""
     problems: list[Problem] = []
     registries = {"advantage": ADVANTAGE_ESTIMATORS, "loss": POLICY_LOSSES}
     for key, registry, spec in ((k, registries[k], getattr(cfg, k)) for k in keys):
@@ -57,7 +58,7 @@ def check_algorithm(cfg: OnlineStage, where: str, keys: tuple[str, ...] = ("adva
             AGGREGATIONS.get(cfg.aggregation, where=f"{where}.aggregation")
         except UserError as err:
             problems += err.problems
-    return problems
+    return problems + engine_problems(cfg.sampling, f"{where}.sampling")
 
 
 @dataclass

@@ -27,7 +27,6 @@ from posttrain.models.heads import (
 )
 from posttrain.models.load import resolve_local
 from posttrain.monitoring.diagnostics import RLHealth
-from posttrain.rollout.engines import engine_problems
 from posttrain.stages.common import StageContext, StageOutput, stage_model, starting_model
 from posttrain.stages.online import (
     PreparedOnline,
@@ -44,7 +43,7 @@ CRITIC_DIR = "critic"
 
 class PPORunner:
     def check(self, cfg: PPOStage, where: str) -> list[Problem]:
-        return check_algorithm(cfg, where, keys=("loss",)) + engine_problems(cfg.sampling, f"{where}.sampling")
+        return check_algorithm(cfg, where, keys=("loss",))
 
     def prepare(self, ctx: StageContext) -> PreparedOnline:
         cfg: PPOStage = ctx.config

@@ -3,14 +3,13 @@ bitwise equal to the uninterrupted run; the previous checkpoint survives a kill 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import run_posttrain, start_posttrain
 from safetensors.torch import load_file
 
 from posttrain.loops.state import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -28,17 +27,6 @@ stages:
     train: {lr: 1e-3, global_batch_size: 8, micro_batch_size: 4, max_steps: 10, checkpoint_every: 2,
             keep_checkpoints: 3, max_length: 96, warmup_steps: 2}
 """
-
-
-def _run(recipe: Path, workdir: Path, crash_at: str | None = None, wait: bool = True):
-    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
-    env.pop("POSTTRAIN_CRASH_AT", None)
-    if crash_at:
-        env["POSTTRAIN_CRASH_AT"] = crash_at
-    args = [sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--workdir", str(workdir)]
-    if not wait:
-        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _stage_dir(workdir: Path) -> Path:
@@ -62,19 +50,19 @@ def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     recipe = folder / "recipe.yaml"
     recipe.write_text(RECIPE)
-    done = _run(recipe, folder / "work")
+    done = run_posttrain(recipe, folder / "work")
     assert done.returncode == 0, done.stdout + done.stderr
     return recipe, _weights(folder / "work")
 
 
 def test_sigkill_after_a_checkpoint_mid_epoch_then_resume_is_bitwise_equal(reference, tmp_path):
     recipe, expected = reference
-    killed = _run(recipe, tmp_path, crash_at="checkpoint.saved:2")  # after step 4 of 10 (epoch = 12 steps)
+    killed = run_posttrain(recipe, tmp_path, crash="checkpoint.saved:2")  # after step 4 of 10 (epoch = 12 steps)
     assert killed.returncode == -signal.SIGKILL
     stage = _stage_dir(tmp_path)
     assert not (stage / "manifest.json").exists()  # never marked complete without its manifest
     assert [p.name for p in list_checkpoints(stage / "checkpoints")] == ["step-0000002", "step-0000004"]
-    resumed = _run(recipe, tmp_path)
+    resumed = run_posttrain(recipe, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     _assert_bitwise_equal(_weights(tmp_path), expected)
     steps = [line for line in (stage / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -84,14 +72,14 @@ def test_sigkill_after_a_checkpoint_mid_epoch_then_resume_is_bitwise_equal(refer
 def test_kill_during_a_checkpoint_save_keeps_the_previous_checkpoint(reference, tmp_path):
     recipe, expected = reference
     # Each checkpoint writes 5 files; the 7th write is the 2nd file of the 2nd checkpoint.
-    killed = _run(recipe, tmp_path, crash_at="checkpoint.mid_save:7")
+    killed = run_posttrain(recipe, tmp_path, crash="checkpoint.mid_save:7")
     assert killed.returncode == -signal.SIGKILL
     folder = _stage_dir(tmp_path) / "checkpoints"
     assert (folder / "step-0000004.tmp").is_dir()  # the torn save is there ...
     assert [p.name for p in list_checkpoints(folder)] == ["step-0000002"]  # ... but not taken for a checkpoint
     state = load_checkpoint(folder / "step-0000002")
     assert state["loop"]["step"] == 2 and state["model"]
-    resumed = _run(recipe, tmp_path)
+    resumed = run_posttrain(recipe, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert latest_checkpoint(folder).name == "step-0000010" and not (folder / "step-0000004.tmp").exists()
     _assert_bitwise_equal(_weights(tmp_path), expected)
@@ -100,7 +88,7 @@ def test_kill_during_a_checkpoint_save_keeps_the_previous_checkpoint(reference, 
 def test_sigkill_at_an_arbitrary_moment_then_resume_is_bitwise_equal(reference, tmp_path):
     """A real SIGKILL from outside, at whatever point training has reached."""
     recipe, expected = reference
-    process = _run(recipe, tmp_path, wait=False)
+    process = start_posttrain(recipe, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         stages = tmp_path / "stages" / "sft"
@@ -111,6 +99,6 @@ def test_sigkill_at_an_arbitrary_moment_then_resume_is_bitwise_equal(reference, 
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    resumed = _run(recipe, tmp_path)
+    resumed = run_posttrain(recipe, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     _assert_bitwise_equal(_weights(tmp_path), expected)

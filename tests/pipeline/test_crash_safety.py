@@ -5,14 +5,13 @@ manifest."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import run_posttrain, start_posttrain
 from safetensors.torch import load_file
 
 TINY = """      tokenizer: builtin:demo
@@ -49,15 +48,6 @@ stages:
 """
 
 
-def _run(recipe: Path, work: Path, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
-    env.pop("POSTTRAIN_CRASH_AT", None)
-    if crash:
-        env["POSTTRAIN_CRASH_AT"] = crash
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--workdir", str(work)],
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
 def _state(work: Path) -> dict[str, dict]:
     """Per stage: its complete artifact's key and content (weights, or rows without timestamps)."""
     out = {}
@@ -90,7 +80,7 @@ def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     recipe = folder / "recipe.yaml"
     recipe.write_text(RECIPE)
-    done = _run(recipe, folder / "work")
+    done = run_posttrain(recipe, folder / "work")
     assert done.returncode == 0, done.stderr
     return recipe, _state(folder / "work")
 
@@ -106,10 +96,10 @@ def reference(tmp_path_factory):
 ])
 def test_sigkill_then_rerun_gives_the_uninterrupted_result(reference, tmp_path, crash):
     recipe, expected = reference
-    killed = _run(recipe, tmp_path / "work", crash)
+    killed = run_posttrain(recipe, tmp_path / "work", crash)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     _no_complete_without_manifest(tmp_path / "work")
-    resumed = _run(recipe, tmp_path / "work")
+    resumed = run_posttrain(recipe, tmp_path / "work")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _state(tmp_path / "work") == expected
 
@@ -117,16 +107,13 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(reference, tmp_path, 
 @pytest.mark.slow
 def test_external_sigkill_while_a_later_stage_runs(reference, tmp_path):
     recipe, expected = reference
-    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
-    env.pop("POSTTRAIN_CRASH_AT", None)
-    process = subprocess.Popen([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--workdir",
-                                str(tmp_path / "work")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_posttrain(recipe, tmp_path / "work", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list((tmp_path / "work" / "stages").glob("samples/*")):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     _no_complete_without_manifest(tmp_path / "work")
-    resumed = _run(recipe, tmp_path / "work")
+    resumed = run_posttrain(recipe, tmp_path / "work")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _state(tmp_path / "work") == expected

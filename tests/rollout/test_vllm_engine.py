@@ -23,6 +23,7 @@ from posttrain.rollout.vllm import (
     require_logprobs_mode,
     to_rollouts,
     vllm_weight_name,
+    weight_updates,
 )
 
 
@@ -168,6 +169,7 @@ def _sampler(llm: _FakeLLM) -> VLLMSampler:
     """A VLLMSampler around a fake engine (the real constructor needs vLLM and a GPU)."""
     sampler = object.__new__(VLLMSampler)
     sampler.llm, sampler.logprobs_mode, sampler.version, sampler.engine_version = llm, "raw_logprobs", 0, None
+    sampler.model, sampler.synced_updates = None, None
     return sampler
 
 
@@ -199,6 +201,20 @@ def test_a_failed_sync_leaves_the_engine_stale_and_generate_refuses(demo_tokeniz
     with pytest.raises(RuntimeError, match="trainer is at version 3"):
         sampler.generate([[1, 2]], SamplingParams())
     assert sampler.llm.generate_calls == 0
+
+
+def test_an_optimizer_step_without_a_sync_leaves_the_engine_stale(demo_tokenizer, tiny_model):
+    model = tiny_model(demo_tokenizer)
+    sampler = _sampler(_FakeLLM(apply_model=True))
+    sampler.sync(model, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="weights changed since sync"):
+        sampler.generate([[1, 2]], SamplingParams())
+    assert sampler.llm.generate_calls == 0
+    sampler.sync(model, 1)  # the same version number, the new weights: fresh again
+    require_fresh(sampler.engine_version, sampler.version, sampler.synced_updates, weight_updates(model))
 
 
 def test_generate_refuses_params_the_engines_logprobs_mode_misreports(demo_tokenizer, tiny_model):

@@ -4,12 +4,10 @@ health stops and alarms."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
+from cli_process import run_posttrain
 from safetensors.torch import load_file
 from tiny_recipes import tiny_sft_base
 
@@ -75,23 +73,14 @@ def test_off_policy_epochs_clip_and_adaptive_kl_run(tmp_path):
     assert betas[0] == 0.05 and betas[-1] != 0.05  # the adaptive controller moved beta
 
 
-def _run(recipe: Path, work: Path, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
-    env.pop("POSTTRAIN_CRASH_AT", None)
-    if crash:
-        env["POSTTRAIN_CRASH_AT"] = crash
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--workdir", str(work)],
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_online_run_killed_and_resumed_is_bitwise_equal(tmp_path):
     extra = "    kl: {beta: 0.05, target: 0.001}\n"
     recipe = _recipe(tmp_path, steps=4, extra=extra)
-    assert _run(recipe, tmp_path / "straight").returncode == 0
+    assert run_posttrain(recipe, tmp_path / "straight").returncode == 0
     # checkpoint.saved fires once for the base stage (end) and then after each rl step.
-    killed = _run(recipe, tmp_path / "resumed", crash="checkpoint.saved:3")
+    killed = run_posttrain(recipe, tmp_path / "resumed", crash="checkpoint.saved:3")
     assert killed.returncode == -signal.SIGKILL
-    assert _run(recipe, tmp_path / "resumed").returncode == 0
+    assert run_posttrain(recipe, tmp_path / "resumed").returncode == 0
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert all(bool((a[k] == b[k]).all()) for k in a)
     betas = [m["kl_beta"] for m in _metrics(tmp_path / "resumed") if "kl_beta" in m]

@@ -5,14 +5,12 @@ config mistakes reported with their YAML paths."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import run_posttrain
 from safetensors.torch import load_file
 from tiny_recipes import tiny_sft_base
 
@@ -76,23 +74,14 @@ def test_ppo_runs_with_kl_in_reward_and_saves_its_critic(tmp_path):
     assert critic.values(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]])).shape == (1, 3)
 
 
-def _run(recipe: Path, work: Path, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "POSTTRAIN_PROGRESS": "0"}
-    env.pop("POSTTRAIN_CRASH_AT", None)
-    if crash:
-        env["POSTTRAIN_CRASH_AT"] = crash
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--workdir", str(work)],
-                          env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow  # three CLI processes: 24-34 s on the contended 2-core machine
 def test_ppo_killed_and_resumed_is_bitwise_equal_policy_and_critic(tmp_path):
     recipe = _recipe(tmp_path, steps=3, extra="    kl: {beta: 0.05, target: 0.001}\n    critic_warmup_steps: 1\n")
-    assert _run(recipe, tmp_path / "straight").returncode == 0
+    assert run_posttrain(recipe, tmp_path / "straight").returncode == 0
     # checkpoint.saved fires once for the base stage (end) and then after each rl step.
-    killed = _run(recipe, tmp_path / "resumed", crash="checkpoint.saved:3")
+    killed = run_posttrain(recipe, tmp_path / "resumed", crash="checkpoint.saved:3")
     assert killed.returncode == -signal.SIGKILL
-    assert _run(recipe, tmp_path / "resumed").returncode == 0
+    assert run_posttrain(recipe, tmp_path / "resumed").returncode == 0
     for load in (_weights, _critic):
         a, b = load(tmp_path / "straight"), load(tmp_path / "resumed")
         assert all(bool((a[k] == b[k]).all()) for k in a)
