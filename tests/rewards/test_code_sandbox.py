@@ -578,6 +578,24 @@ def test_ten_gigabytes_of_output_hit_the_output_cap(level: str, stream: str) -> 
     assert time.monotonic() - started < 10  # stopped at the cap, not after 10 GB
 
 
+def test_a_run_killed_from_outside_returns_only_once_its_processes_are_gone(level: str) -> None:
+    """The output cap kills the harness from the trainer's side; the worker then dies a moment
+    later (parent-death signal, or its PID namespace torn down). A big address space makes that
+    moment long: the run must still not return before it is over. Before the fix, about 4 runs
+    in 10 at the audit level returned with the worker still alive."""
+    program = """
+    import sys
+    ballast = bytearray(600 << 20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    block = "x" * (1 << 20)
+    while True:
+        sys.stdout.write(block)
+    """
+    for _ in range(5):
+        assert_contained(attack(program, level, memory_mb=1024), limits={"output"})
+
+
 def test_raising_its_own_rlimits_fails(level: str) -> None:
     program = """
     import resource

@@ -585,7 +585,7 @@ def _harness_main() -> None:
         return
     strong = request["level"] == "namespaces"
     emit("started", level=request["level"], isolation="strong" if strong else "weak",
-         features=worker.features)
+         features=worker.features, child=worker.pid)
     link = _Link(worker.request_fd, worker.reply_fd, request["limits"])
     try:
         _run_session(request, plan, scope, link, emit)
@@ -1612,6 +1612,7 @@ def _run_prepared(request: SandboxRequest, tests: dict, limits: SandboxLimits, l
     err_r, err_w = os.pipe()
     message = _harness_request(request, tests, limits, level, run_dir, uid, collector, (out_w, err_w))
     proc = None
+    child = _ChildWatch()
     try:
         proc = _spawn_harness((out_w, err_w))
     except OSError as exc:
@@ -1622,10 +1623,12 @@ def _run_prepared(request: SandboxRequest, tests: dict, limits: SandboxLimits, l
     try:
         if proc is not None:
             deadline = started + limits.wall_s * 1.5 + _STARTUP_GRACE_S
-            _pump(proc, message, {out_r: "stdout", err_r: "stderr"}, collector, deadline)
+            _pump(proc, message, {out_r: "stdout", err_r: "stderr"}, collector, deadline, child)
     finally:
         if proc is not None:
             _reap_harness(proc)
+        if not child.wait_gone(timeout=10.0):
+            collector.error = collector.error or "the sandbox's processes outlived the run by 10 s"
         os.close(out_r)
         os.close(err_r)
         if level == "uid":
@@ -1770,7 +1773,7 @@ def _spawn_harness(out_fds: tuple[int, int]) -> Any:
 
 
 def _pump(proc: Any, message: bytes, worker_fds: dict[int, str], collector: _Collector,
-          deadline: float) -> None:
+          deadline: float, child: _ChildWatch) -> None:
     """Feed the request, read events and output until the harness closes its stdout; kill the
     tree at the backstop deadline or when the output cap is passed."""
     import selectors
@@ -1788,7 +1791,7 @@ def _pump(proc: Any, message: bytes, worker_fds: dict[int, str], collector: _Col
         while proc.stdout.fileno() in selector.get_map():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                _kill_harness(proc, collector, "wall")
+                _kill_harness(proc, collector, "wall", child)
                 return
             for key, _ in selector.select(remaining):
                 if key.fd == stdin:
@@ -1796,7 +1799,7 @@ def _pump(proc: Any, message: bytes, worker_fds: dict[int, str], collector: _Col
                 elif not _drain(key.fd, streams[key.fd], collector, selector):
                     continue
                 if collector.output_exceeded:
-                    _kill_harness(proc, collector, "output")
+                    _kill_harness(proc, collector, "output", child)
                     return
     finally:
         selector.close()
@@ -1835,8 +1838,52 @@ def _drain(fd: int, name: str, collector: _Collector, selector: Any) -> bool:
             return True
 
 
-def _kill_harness(proc: Any, collector: _Collector, limit: str) -> None:
+class _ChildWatch:
+    """A pidfd on the harness's one child: init at the namespaces level (it exits only once
+    every process of its PID namespace is gone), the worker at the weak levels. Killing the
+    harness from here (output cap, backstop clock) makes that child die soon after, not at once;
+    waiting on the pidfd means a run never returns while its processes still live."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+
+    def hold(self, pid: int | None, harness_pid: int) -> None:
+        if pid is None:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            return  # gone already, or no pidfds (Linux < 5.3)
+        if _parent_of(pid) != harness_pid:
+            os.close(fd)  # reaped before we looked and the number reused: nothing of ours
+            return
+        self.fd = fd
+
+    def wait_gone(self, timeout: float) -> bool:
+        if self.fd is None:
+            return True
+        try:
+            return bool(select.select([self.fd], [], [], timeout)[0])
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _kill_harness(proc: Any, collector: _Collector, limit: str, child: _ChildWatch) -> None:
     collector.trainer_limit = limit
+    _drain(proc.stdout.fileno(), "events", collector, None)  # the "started" event may be unread
+    child.hold(collector.state.get("started", {}).get("child"), proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # not yet reaped, so the group id is still ours
     except (ProcessLookupError, PermissionError):
