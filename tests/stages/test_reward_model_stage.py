@@ -127,7 +127,7 @@ def test_loss_and_gradients_do_not_depend_on_micro_batching(world):
         loss, _ = objective(model, collate_shared_prompt(chunk, 0), 4.0)
         loss.backward()
         parts += float(loss.detach())
-    assert parts == pytest.approx(float(whole), abs=1e-6)
+    assert parts == pytest.approx(float(whole.detach()), abs=1e-6)
     for grad, p in zip(expected, [p for p in model.parameters() if p.grad is not None]):
         torch.testing.assert_close(p.grad, grad, rtol=1e-3, atol=1e-4)  # fp32 summation order, x8 weights
     model.zero_grad()
