@@ -56,7 +56,8 @@ def gaps(model: torch.nn.Module, rollouts: list[Rollout], temperature: float, pa
     for name, context in (("fp32", torch.autocast("cuda", enabled=False)),
                           ("bf16_autocast", torch.autocast("cuda", dtype=torch.bfloat16))):
         with context:
-            trainer = batch_logprobs(model, batch, temperature=temperature, chunk=1024, micro_batch_size=16)
+            trainer = batch_logprobs(model, batch, temperature=temperature, chunk=1024, micro_batch_size=16,
+                                     share_prompt=False)
         gap = (trainer - batch.sampler_logp).abs()[keep]
         out[f"gap_max_{name}"], out[f"gap_mean_{name}"] = float(gap.max()), float(gap.mean())
     return out

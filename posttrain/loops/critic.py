@@ -18,7 +18,7 @@ import torch
 from posttrain.config.components import OptimConfig
 from posttrain.loops.distributed import DistInfo, allreduce_gradients, allreduce_sum
 from posttrain.loops.offline import autocast, build_optimizer, build_scheduler, warmup_steps
-from posttrain.loops.rl_batch import RolloutBatch, per_micro_batch
+from posttrain.loops.rl_batch import RolloutBatch, pack_shared_prompts, per_micro_batch
 from posttrain.loops.state import trainable_state
 from posttrain.losses.advantages import gae, outcome_token_rewards, whiten
 from posttrain.losses.aggregation import GlobalNormalisers, aggregate
@@ -35,6 +35,7 @@ class CriticSettings:
     value_clip: float | None = 0.2
     warmup_steps: int = 0  # rollout steps that update only the critic
     micro_batch_size: int = 8
+    share_prompt: bool = False  # value passes on shared-prompt packed rows (rl_batch.SharedPromptPack)
 
 
 class Critic:
@@ -51,7 +52,14 @@ class Critic:
         """V at the state before each target-space token [r, l]: the hidden state at position t
         has read tokens <= t and predicts token t + 1."""
         with autocast(self.optim, self.info.device):
-            return self.model.values(mb.input_ids, mb.position_ids)[:, :-1].float()
+            if not self.settings.share_prompt:
+                return self.model.values(mb.input_ids, mb.position_ids)[:, :-1].float()
+            pack = pack_shared_prompts(mb)
+            values = self.model.scores_at(pack.input_ids, pack.position_ids, torch.zeros_like(pack.reads),
+                                          pack.reads, pack.blocks)[:, 0]
+        # 0 off the completion tokens, which no value loss or advantage reads
+        return torch.zeros(mb.completion.shape, dtype=values.dtype, device=values.device).masked_scatter(
+            mb.completion, values)
 
     def set_advantages(self, batch: RolloutBatch, rewards: torch.Tensor, valid: torch.Tensor, beta: float,
                        kl_estimator: str, kl_in_reward: bool) -> dict[str, float]:

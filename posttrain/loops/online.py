@@ -98,6 +98,7 @@ class OnlineJob:
     critic: Critic | None = None  # PPO: GAE advantages from a value model trained alongside
     seed: int = 0
     show_progress: bool = True
+    share_prompt: bool = False  # micro-batches packed with one copy of each prompt (rl_batch.SharedPromptPack)
 
     @property
     def on_policy(self) -> bool:
@@ -228,10 +229,10 @@ def _greedy_baseline(job: OnlineJob, keys: list[int], step: int) -> torch.Tensor
 
 @torch.no_grad()
 def batch_logprobs(model: torch.nn.Module, batch: RolloutBatch, *, temperature: float, chunk: int,
-                   micro_batch_size: int) -> torch.Tensor:
+                   micro_batch_size: int, share_prompt: bool) -> torch.Tensor:
     """Logprobs of the sampled tokens [R, L] without gradient, micro-batch by micro-batch."""
-    return per_micro_batch(batch, micro_batch_size,
-                           lambda mb: policy_logprobs(model, mb, temperature=temperature, chunk=chunk)[0])
+    return per_micro_batch(batch, micro_batch_size, lambda mb: policy_logprobs(
+        model, mb, temperature=temperature, chunk=chunk, share_prompt=share_prompt)[0])
 
 
 def score_passes(job: OnlineJob, batch: RolloutBatch) -> None:
@@ -242,7 +243,7 @@ def score_passes(job: OnlineJob, batch: RolloutBatch) -> None:
         was_training = job.model.training
         job.model.eval()
         batch.old_logp = batch_logprobs(job.model, batch, temperature=temperature, chunk=chunk,
-                                        micro_batch_size=job.train.micro_batch_size)
+                                        micro_batch_size=job.train.micro_batch_size, share_prompt=job.share_prompt)
         job.model.train(was_training)
     if job.reference is not None:
         batch.ref_logp = job.reference(batch)
@@ -298,7 +299,7 @@ def _micro_loss(job: OnlineJob, mb: RolloutBatch, norm: GlobalNormalisers, beta:
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     algo = job.algorithm
     logp, entropy = policy_logprobs(job.model, mb, temperature=job.sampling.temperature,
-                                    chunk=job.train.logits_chunk, entropy=first)
+                                    chunk=job.train.logits_chunk, entropy=first, share_prompt=job.share_prompt)
     old = mb.old_logp if mb.old_logp is not None else logp.detach()
     stats: dict[str, float] = {}
     weights = None

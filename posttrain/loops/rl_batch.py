@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain.models.block_attention import AttentionBlock, BlockLayout
 from posttrain.models.forward import head_weight, hidden_states
 from posttrain.models.logprobs import token_entropy, token_logprobs
 from posttrain.types import Rollout
@@ -102,21 +103,72 @@ def per_micro_batch(batch: RolloutBatch, micro_batch_size: int,
     return out
 
 
+@dataclass(frozen=True)
+class SharedPromptPack:
+    """A micro-batch packed into one row, each prompt computed once for the consecutive rows
+    that share it: ``[prompt | completion 1 | completion 2 | ... | next prompt ...]``.
+
+    A group's first row (prompt + completion) is one causal block; each further completion is a
+    block that attends to the prompt and, causally, to itself, at the positions it has in its own
+    sequence (``posttrain.models.block_attention``). Under causal attention every hidden state is
+    then exactly that of the separate, padded sequence. ``reads`` [K] are the packed positions
+    whose hidden states predict the batch's completion tokens, in the order of
+    ``batch.completion``'s True entries (row by row); a group's first completion token is
+    predicted by the prompt's last token, which its rows share."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N]
+    blocks: BlockLayout
+    reads: torch.Tensor  # [K]
+
+
+def pack_shared_prompts(batch: RolloutBatch) -> SharedPromptPack:
+    completion_lengths = batch.completion.sum(-1).tolist()
+    ids: list[int] = []
+    positions: list[int] = []
+    blocks: list[AttentionBlock] = []
+    reads: list[int] = []
+    prompt: list[int] | None = None
+    start = 0  # where the current prompt sits in the packed row
+    for row, c in enumerate(completion_lengths):
+        sequence = batch.input_ids[row, : int(batch.lengths[row])].tolist()
+        p = len(sequence) - c
+        if sequence[:p] == prompt and c > 0:
+            blocks.append(AttentionBlock(len(ids), len(ids) + c, ((start, start + p),)))
+            reads += [start + p - 1, *range(len(ids), len(ids) + c - 1)]
+            ids += sequence[p:]
+            positions += range(p, p + c)
+        elif sequence[:p] != prompt:
+            prompt, start = sequence[:p], len(ids)
+            blocks.append(AttentionBlock(start, start + p + c))
+            reads += range(start + p - 1, start + p - 1 + c)
+            ids += sequence
+            positions += range(p + c)
+    device = batch.input_ids.device
+    return SharedPromptPack(torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+                            BlockLayout(tuple(blocks)), torch.tensor(reads, dtype=torch.long, device=device))
+
+
 def policy_logprobs(model: torch.nn.Module, batch: RolloutBatch, *, temperature: float, chunk: int,
-                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    entropy: bool = False, share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trainer's logprobs of the sampled tokens [R, L] (0 off the mask), with gradient when
     enabled; optionally the per-token entropy [R, L] (no gradient). The same chunked code path as
-    every other loss, at the sampler's temperature."""
-    hidden = hidden_states(model, batch.input_ids, batch.position_ids)[:, :-1]
+    every other loss, at the sampler's temperature. ``share_prompt``: one packed row in which
+    rows with the same prompt share one copy of it (`SharedPromptPack`; the same values)."""
     targets = batch.input_ids[:, 1:]
     # Score every sampled token, even in rows masked out of the loss (for the metrics).
     keep = batch.completion
+    if share_prompt:
+        pack = pack_shared_prompts(batch)
+        hidden = hidden_states(model, pack.input_ids, pack.position_ids, pack.blocks)[0, pack.reads]
+    else:
+        hidden = hidden_states(model, batch.input_ids, batch.position_ids)[:, :-1][keep]
     weight = head_weight(model)
-    values = token_logprobs(hidden[keep], weight, targets[keep], chunk=chunk, temperature=temperature)
+    values = token_logprobs(hidden, weight, targets[keep], chunk=chunk, temperature=temperature)
     out = torch.zeros(targets.shape, dtype=values.dtype, device=values.device)
     out = out.masked_scatter(keep, values)
     ent = None
     if entropy:
         ent = torch.zeros(targets.shape, dtype=torch.float32, device=values.device)
-        ent[keep] = token_entropy(hidden[keep].detach(), weight.detach(), chunk=chunk, temperature=temperature)
+        ent[keep] = token_entropy(hidden.detach(), weight.detach(), chunk=chunk, temperature=temperature)
     return out, ent

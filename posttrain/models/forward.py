@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.models.block_attention import NO_MASK, BlockLayout, use_block_attention
 from posttrain.models.load import decoder_and_head
 from posttrain.models.logprobs import token_logprobs
 
 
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  blocks: BlockLayout | None = None) -> torch.Tensor:
     """Final-layer hidden states [B, T, H]; right padding needs no mask under causal attention,
-    and restarting position ids separate packed segments."""
+    and restarting position ids separate packed segments. With ``blocks``: of one packed row
+    [1, T] whose attention follows that layout (sequences sharing one copy of their prompt; see
+    ``posttrain.models.block_attention``)."""
     decoder, _ = decoder_and_head(model)
-    return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    if blocks is None:
+        return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    if not use_block_attention(model):
+        raise ValueError(f"block layouts need SDPA attention, not {model.config._attn_implementation!r}")
+    return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=NO_MASK.to(input_ids.device),
+                   use_cache=False, posttrain_blocks=blocks).last_hidden_state
 
 
 def head_weight(model: torch.nn.Module) -> torch.Tensor:

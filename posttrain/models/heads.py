@@ -50,7 +50,8 @@ from transformers import (
 )
 
 from posttrain.errors import UserError, problem
-from posttrain.models.block_attention import NO_MASK, BlockLayout, use_block_attention
+from posttrain.models.block_attention import BlockLayout
+from posttrain.models.forward import hidden_states
 from posttrain.models.load import MODEL_DIR, decoder_and_head, is_peft
 
 KINDS = ("reward", "prm", "value")
@@ -96,13 +97,7 @@ class RewardModel(nn.Module):
         """Final hidden states [B, T, H] of right-padded rows (causal attention needs no mask),
         or of one packed row [1, T] whose attention follows ``blocks`` (no padding; responses
         that share one copy of their prompt; see ``posttrain.models.block_attention``)."""
-        decoder, _ = decoder_and_head(self.backbone)
-        if blocks is None:
-            return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        if not use_block_attention(self.backbone):
-            raise ValueError(f"block layouts need SDPA attention, not {self.config._attn_implementation!r}")
-        return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=NO_MASK.to(input_ids.device),
-                       use_cache=False, posttrain_blocks=blocks).last_hidden_state
+        return hidden_states(self.backbone, input_ids, position_ids, blocks)
 
     def scores_at(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
                   columns: torch.Tensor, blocks: BlockLayout | None = None) -> torch.Tensor:

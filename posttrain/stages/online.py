@@ -19,6 +19,7 @@ from posttrain.loops.rl_batch import RolloutBatch
 from posttrain.losses.advantages import ADVANTAGE_ESTIMATORS
 from posttrain.losses.aggregation import AGGREGATIONS
 from posttrain.losses.policy import POLICY_LOSSES
+from posttrain.models.block_attention import use_block_attention
 from posttrain.models.load import is_peft
 from posttrain.registry import keyword_parameters
 from posttrain.rewards.base import Scorer, combine
@@ -117,13 +118,15 @@ def online_job(ctx: StageContext, prepared: PreparedOnline, model: torch.nn.Modu
     # Before the reference model: a vLLM engine needs its share of the GPU free when it starts.
     sampler = build_sampler(cfg.sampling, sampling, model, prepared.tokenizer,
                             max_model_len=cfg.train.max_prompt_length + cfg.sampling.max_new_tokens)
-    reference = _reference(ctx, model, prepared.tokenizer, sampling.temperature) if cfg.kl.beta > 0 else None
+    share_prompt = cfg.train.share_prompt and use_block_attention(model)
+    reference = _reference(ctx, model, prepared.tokenizer, sampling.temperature, share_prompt) \
+        if cfg.kl.beta > 0 else None
     job = OnlineJob(
         name=ctx.name, model=model, pad_id=prepared.tokenizer.pad_token_id, prompts=prepared.prompts,
         sampler=sampler, sampling=sampling,
         reward=reward_fn(prepared.scorers, prepared.weights), algorithm=algo, train=cfg.train,
         health=cfg.health, out_dir=ctx.out_dir, dist=ctx.dist, reference=reference, seed=ctx.seed,
-        show_progress=ctx.show_progress, critic=critic)
+        show_progress=ctx.show_progress, critic=critic, share_prompt=share_prompt)
     _announce(ctx, cfg)
     return job
 
@@ -144,20 +147,21 @@ def reward_fn(scorers: dict[str, Scorer], weights: dict[str, float]) -> RewardFn
     return score
 
 
-def _reference(ctx: StageContext, policy: torch.nn.Module, tokenizer, temperature: float):
+def _reference(ctx: StageContext, policy: torch.nn.Module, tokenizer, temperature: float, share_prompt: bool):
     """The KL reference: the adapter-free policy under LoRA, else a frozen copy of the start."""
     cfg: OnlineStage = ctx.config
     frozen = None
     if not is_peft(policy):
         frozen = starting_model(ctx, tokenizer).to(ctx.dist.device).eval()
         frozen.requires_grad_(False)
+        share_prompt = share_prompt and use_block_attention(frozen)
 
     def logprobs(batch: RolloutBatch) -> torch.Tensor:
         model = frozen if frozen is not None else policy
         context = policy.disable_adapter() if frozen is None else nullcontext()
         with context:
             return batch_logprobs(model, batch, temperature=temperature, chunk=cfg.train.logits_chunk,
-                                  micro_batch_size=cfg.train.micro_batch_size)
+                                  micro_batch_size=cfg.train.micro_batch_size, share_prompt=share_prompt)
 
     return logprobs
 

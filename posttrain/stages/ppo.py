@@ -18,6 +18,7 @@ from posttrain.config.stages.rl import PPOStage
 from posttrain.errors import Problem, UserError, problem
 from posttrain.loops.critic import Critic, CriticSettings
 from posttrain.loops.online import Algorithm, run_online
+from posttrain.models.block_attention import use_block_attention
 from posttrain.models.heads import (
     RewardModel,
     load_reward_model,
@@ -64,10 +65,11 @@ class PPORunner:
         cfg: PPOStage = ctx.config
         model = stage_model(ctx, prepared.tokenizer).to(ctx.dist.device)
         t = cfg.train
-        settings = CriticSettings(gamma=cfg.gamma, lam=cfg.lam, value_clip=cfg.value_clip,
-                                  warmup_steps=cfg.critic_warmup_steps, micro_batch_size=t.micro_batch_size)
-        optim = t.model_copy(update={"lr": cfg.critic.lr or t.lr})
         value = build_critic_model(ctx, prepared.tokenizer)
+        settings = CriticSettings(gamma=cfg.gamma, lam=cfg.lam, value_clip=cfg.value_clip,
+                                  warmup_steps=cfg.critic_warmup_steps, micro_batch_size=t.micro_batch_size,
+                                  share_prompt=t.share_prompt and use_block_attention(value.backbone))
+        optim = t.model_copy(update={"lr": cfg.critic.lr or t.lr})
         critic = Critic(value, optim, settings, t.max_steps * t.ppo_epochs * t.minibatches, ctx.dist)
         job = online_job(ctx, prepared, model, Algorithm(**shared_algorithm(cfg)), critic)
         result = run_online(job, RLHealth(cfg.health, ctx.where))

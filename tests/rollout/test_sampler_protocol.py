@@ -117,3 +117,18 @@ def test_the_default_hf_engine_leaves_stage_keys_unchanged_and_vllm_changes_them
     assert stage_key(explicit.stages["rl"], explicit, keys) == stage_key(stage, default, keys)
     vllm = load_recipe(_recipe(tmp_path, "{n: 2, max_new_tokens: 8, engine: vllm}"))
     assert stage_key(vllm.stages["rl"], vllm, keys) != stage_key(stage, default, keys)
+
+
+def test_shared_prompt_packing_is_on_by_default_without_changing_stage_keys(tmp_path):
+    """Packed and padded micro-batches give the same logprobs (tests/loops/test_rl_batch.py), so
+    the switch added after artifacts existed keeps their keys at its default, and only turning it
+    off changes them."""
+    path = _recipe(tmp_path)
+    default = load_recipe(path)
+    stage = default.stages["rl"]
+    assert stage.train.share_prompt is True and "share_prompt" not in key_config(stage)["train"]
+    keys = {"base": "parent"}
+    explicit = load_recipe(path, ["stages.rl.train.share_prompt=true"])
+    assert stage_key(explicit.stages["rl"], explicit, keys) == stage_key(stage, default, keys)
+    off = load_recipe(path, ["stages.rl.train.share_prompt=false"])
+    assert stage_key(off.stages["rl"], off, keys) != stage_key(stage, default, keys)

@@ -57,6 +57,11 @@ class RLTrainConfig(OptimConfig):
     max_prompt_length: int = Field(512, gt=0, description="longer prompts fail (or are dropped, see data)")
     shuffle: bool = Field(True, description="shuffle the prompt order each epoch")
     checkpoint_every: int = Field(10, ge=0, description="rollout steps between checkpoints; 0 = end only")
+    share_prompt: bool = Field(True, description="pack each micro-batch into one row, the rows of a prompt "
+                                                 "sharing one copy of it (same logprobs, fewer tokens; SDPA "
+                                                 "models only, others pad)")
+
+    key_omits_defaults: ClassVar[tuple[str, ...]] = ("share_prompt",)
 
 
 class KLConfig(StrictModel):
