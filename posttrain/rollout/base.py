@@ -53,3 +53,8 @@ class Sampler(Protocol):
     def sync(self, model: torch.nn.Module, version: int) -> None:
         """Sample from ``model``'s current weights from now on, labelled ``version``."""
         ...
+
+    def close(self) -> None:
+        """Release what the engine holds (a vLLM engine's weights and KV cache on the GPU); the
+        stage that built it calls this when its run ends, failed or not."""
+        ...

@@ -57,6 +57,9 @@ class HFSampler:
         version is recorded (and ``model`` adopted, should it be another module)."""
         self.model, self.version = model, version
 
+    def close(self) -> None:
+        """Nothing to release: the model is the trainer's."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, keys: list[int] | None = None
                  ) -> list[Rollout]:

@@ -9,6 +9,7 @@ The wiring shared with ``ppo`` is in ``posttrain.stages.online``.
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Any
 
 from posttrain.config.stages.rl import GRPOStage
@@ -46,5 +47,7 @@ class GRPORunner:
             needs_baseline=ADVANTAGE_ESTIMATORS.get(cfg.advantage.name).needs_baseline_rewards,
             dynamic_sampling=cfg.dynamic_sampling.enabled, max_rounds=cfg.dynamic_sampling.max_rounds,
             **shared_algorithm(cfg))
-        result = run_online(online_job(ctx, prepared, model, algo), RLHealth(cfg.health, ctx.where))
+        job = online_job(ctx, prepared, model, algo)
+        with closing(job.sampler):
+            result = run_online(job, RLHealth(cfg.health, ctx.where))
         return finish_online(ctx, model, prepared.tokenizer, result)

@@ -11,6 +11,7 @@ later ppo stage can start from (``critic: {path: ...}``).
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ class PPORunner:
         optim = t.model_copy(update={"lr": cfg.critic.lr or t.lr})
         critic = Critic(value, optim, settings, t.max_steps * t.ppo_epochs * t.minibatches, ctx.dist)
         job = online_job(ctx, prepared, model, Algorithm(**shared_algorithm(cfg)), critic)
-        result = run_online(job, RLHealth(cfg.health, ctx.where))
+        with closing(job.sampler):
+            result = run_online(job, RLHealth(cfg.health, ctx.where))
         if ctx.dist.is_main:
             save_reward_model(value.eval(), prepared.tokenizer, ctx.out_dir / CRITIC_DIR)
         out = finish_online(ctx, model, prepared.tokenizer, result)

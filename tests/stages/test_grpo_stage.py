@@ -115,3 +115,17 @@ def test_a_reward_that_pays_for_length_raises_length_and_kl_alarms(tmp_path):
     alarms = [m["message"] for m in _metrics(tmp_path / "w") if m.get("alarm") == "health"]
     assert any("response length grew" in a for a in alarms), alarms
     assert any("KL to the reference" in a for a in alarms), alarms
+
+
+def test_the_stage_closes_its_rollout_engine_when_it_ends_and_when_it_fails(tmp_path, monkeypatch, capsys):
+    from posttrain.rollout.hf import HFSampler
+
+    closed = []
+    monkeypatch.setattr(HFSampler, "close", lambda self: closed.append(self))
+    work = str(tmp_path / "w")
+    extra = "    health: {stop_after: 2}\n"
+    assert main(["run", str(_recipe(tmp_path, tokens=3, steps=6, extra=extra)), "--workdir", work,
+                 "--no-progress"]) == 2  # stopped by the health check after 2 steps
+    assert len(closed) == 1
+    assert main(["run", str(_recipe(tmp_path, steps=1)), "--workdir", work, "--no-progress"]) == 0
+    assert len(closed) == 2 and closed[0] is not closed[1]

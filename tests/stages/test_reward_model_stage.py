@@ -167,7 +167,7 @@ def test_each_head_uses_only_its_own_rows(world):
                              batch.blocks).detach()
     bt = -torch.nn.functional.logsigmoid(scores[batch.pair_chosen, 0] - scores[batch.pair_rejected, 0]).sum()
     mse = (scores[batch.point_index, 1] - 3.0) ** 2
-    assert float(loss) == pytest.approx(float((bt + 2.0 * mse.sum()) / 5.0), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float((bt + 2.0 * mse.sum()) / 5.0), rel=1e-5)
     assert stats["b/abs_error/__den"] == 1.0 and stats["a/loss/__den"] == 4.0
 
 
