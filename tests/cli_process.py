@@ -20,7 +20,7 @@ def _env(crash: str | None) -> dict[str, str]:
     # vector math there sometimes computes a worker thread's share of an elementwise op ~1e-5 off
     # (seen: the cos of RoPE), in some processes and not others; which ones follows the memory
     # layout (the length of the work directory's path was enough). MKL's AVX2 code has not shown
-    # it in 36 runs, so pinning it makes these tests test our resume logic, not MKL
+    # it in 24 runs, so pinning it makes these tests test our resume logic, not MKL
     # (docs/training.md, Resume).
     env.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     env.pop("POSTTRAIN_CRASH_AT", None)
