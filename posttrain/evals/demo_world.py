@@ -6,7 +6,8 @@
   over all samples (avg@n). Metrics ``demo_sampled_accuracy``, ``demo_sampled_accuracy_n``.
 
 Both default to the first 500 of the 2,506 held-out problems; ``limit`` changes that. The held-out
-split is ordered by the first operand, so a small ``limit`` is not a random sample of it.
+split comes in a seeded random order (``demo.world.prompt_rows``), so the first N are a random
+sample of it.
 """
 
 from __future__ import annotations
